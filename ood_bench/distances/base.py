@@ -1,0 +1,67 @@
+"""Distance registry: ``mse``, ``ssim`` (1 - SSIM) and ``lpips`` (alex, vgg or squeeze)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class Distance:
+    """Per-sample distance between two image batches in ``[0, 1]``; ``describe`` says what really runs."""
+
+    name = "base"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to(self, device: torch.device) -> Distance:
+        return self
+
+    def describe(self) -> str:
+        return self.name
+
+
+class MSE(Distance):
+    name = "mse"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y).pow(2).flatten(1).mean(1)
+
+
+class SSIMDistance(Distance):
+    """``1 - SSIM`` (scikit-image, ``data_range=1``, Gaussian-free 7x7 window as in LMD's code)."""
+
+    name = "ssim"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from skimage.metrics import structural_similarity
+
+        xs = x.detach().cpu().numpy().transpose(0, 2, 3, 1)
+        ys = y.detach().cpu().numpy().transpose(0, 2, 3, 1)
+        win = min(7, xs.shape[1] - (1 - xs.shape[1] % 2))
+        vals = [
+            1.0 - structural_similarity(a, b, data_range=1.0, channel_axis=-1, win_size=win)
+            for a, b in zip(xs, ys)
+        ]
+        return torch.as_tensor(np.asarray(vals), dtype=torch.float32, device=x.device)
+
+
+DISTANCES = ("lpips", "mse", "ssim")
+
+
+def build_distance(
+    name: str, *, lpips_net: str = "alex", lpips_weights: str = "auto", weights_dir: str | Path | None = None
+) -> Distance:
+    """The distance called ``name``; LPIPS needs ImageNet backbone weights (see ``distances/lpips.py``)."""
+    if name == "mse":
+        return MSE()
+    if name == "ssim":
+        return SSIMDistance()
+    if name == "lpips":
+        from ood_bench.distances.lpips import LPIPSDistance
+
+        return LPIPSDistance(net=lpips_net, weights=lpips_weights, weights_dir=weights_dir)
+    raise ValueError(f"distance={name!r} is not valid; valid: {list(DISTANCES)}")
+

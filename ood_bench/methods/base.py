@@ -1,0 +1,102 @@
+"""The method contract and the registry that maps names to method classes.
+
+A method never opens result files or talks to W&B. It receives images (float ``[N,C,H,W]`` in ``[0,1]``)
+and a ``Context`` (device, cache, seeds, model settings) and returns ``Scores`` where a higher value
+means "more OOD". A method whose natural score is a similarity negates it inside ``score``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from ood_bench.cache import ArtifactCache
+
+
+@dataclass
+class Context:
+    """What a method may use besides the images."""
+
+    device: torch.device
+    cache: ArtifactCache
+    seed: int = 0
+    weights_dir: Path | None = None
+    model_cfg: dict[str, Any] | None = None
+    data_meta: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclass
+class Scores:
+    """Per-sample scores (higher = more OOD) and optional per-sample extras.
+
+    ``extras`` maps a column name to an array of shape ``[N]`` or ``[N, K]`` (written as K columns),
+    e.g. LMD's per-repeat distances.
+    """
+
+    values: np.ndarray
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    nfe_per_image: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=np.float64).ravel()
+        for k, v in self.extras.items():
+            if len(v) != len(self.values):
+                raise ValueError(f"extra {k!r} has {len(v)} rows for {len(self.values)} scores")
+
+
+class Method(ABC):
+    """Fit on ID training images, then score any images."""
+
+    name: ClassVar[str]
+    #: whether the method uses the image diffusion model of the ``model`` config group
+    uses_image_model: ClassVar[bool] = False
+    #: constructor arguments that do not change the numbers (left out of the config hash)
+    runtime_keys: ClassVar[tuple[str, ...]] = ("batch_size", "weights_dir")
+
+    @abstractmethod
+    def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
+        """Train or load (through the cache) everything the method needs."""
+
+    @abstractmethod
+    def score(self, images: torch.Tensor, ctx: Context, indices: np.ndarray | None = None) -> Scores:
+        """Score ``images``; ``indices`` (stable sample ids) seed the per-sample randomness."""
+
+    def describe(self) -> dict[str, Any]:
+        """Flat settings that identify what really ran (written into the results row)."""
+        return {}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator that adds a method to the registry under ``name``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise KeyError(f"method name {name!r} is already registered to {METHODS[name].__qualname__}")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    """The class registered under ``name``; a clear error lists the valid names otherwise."""
+    if name not in METHODS:
+        raise KeyError(f"method.name={name!r} is not registered; valid: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def build_method(cfg: dict[str, Any]) -> Method:
+    """Instantiate a method from its config: ``name`` picks the class, the other keys are its arguments."""
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    return get_method(name)(**cfg)

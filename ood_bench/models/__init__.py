@@ -1,0 +1,1 @@
+"""Models: image diffusion backbones (trained and cached, or loaded), feature encoders, feature diffusion."""

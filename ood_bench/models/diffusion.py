@@ -1,0 +1,207 @@
+"""Image diffusion backbone: a diffusers ``UNet2DModel`` plus its noise schedule.
+
+``get_diffusion_model`` either loads a pretrained model (hub id or local folder, ``model.pretrained``) or
+trains one on the ID training images and caches it under a key hashed from the data, the architecture
+and the training settings; the next run with the same key loads it instead of training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ood_bench.cache import ArtifactCache
+from ood_bench.utils import tensor_fingerprint
+
+log = logging.getLogger(__name__)
+
+CACHE_KIND = "diffusion"
+CACHE_VERSION = 1
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+@dataclass
+class DiffusionModel:
+    """A denoiser and the noise schedule it was trained with; images live in ``[-1, 1]``."""
+
+    unet: UNet2DModel
+    scheduler_config: dict[str, Any]
+    source: str  # "trained:<cache key>" or "pretrained:<id or path>"
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def ddim(self, **overrides: Any) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.scheduler_config, **overrides)
+
+    def ddpm(self, **overrides: Any) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.scheduler_config, **overrides)
+
+
+def build_unet(unet_cfg: dict[str, Any], sample_size: int, channels: int) -> UNet2DModel:
+    """A fresh ``UNet2DModel`` from the ``model.unet`` settings."""
+    cfg = dict(unet_cfg)
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        cfg[key] = tuple(cfg[key])
+    if not len(cfg["block_out_channels"]) == len(cfg["down_block_types"]) == len(cfg["up_block_types"]):
+        raise ValueError(
+            "model.unet: block_out_channels, down_block_types and up_block_types need the same length, got "
+            f"{len(cfg['block_out_channels'])}, {len(cfg['down_block_types'])}, {len(cfg['up_block_types'])}"
+        )
+    downsamples = len(cfg["block_out_channels"]) - 1
+    if sample_size % (2**downsamples):
+        raise ValueError(f"data.image_size={sample_size} must be divisible by 2^{downsamples} for this UNet")
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **cfg)
+
+
+def _train_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    ptype = sched.config.prediction_type
+    if ptype == "epsilon":
+        return noise
+    if ptype == "sample":
+        return x0
+    return sched.get_velocity(x0, noise, t)
+
+
+def train_unet(
+    images: torch.Tensor, model_cfg: dict[str, Any], device: torch.device, out_dir: Path, progress: bool = True
+) -> None:
+    """Train a UNet on ``images`` (float ``[0,1]``) and save the EMA weights and the schedule to ``out_dir``."""
+    tcfg = model_cfg["train"]
+    sched = DDPMScheduler(**model_cfg["scheduler"])
+    unet = build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"]).to(device)
+    ema = EMAModel(unet.parameters(), decay=tcfg["ema_decay"], use_ema_warmup=True, power=0.75)
+    opt = torch.optim.AdamW(unet.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    warmup = max(1, int(tcfg["warmup_steps"]))
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    gen = torch.Generator().manual_seed(int(tcfg["seed"]))
+    data = images.mul(2).sub(1)
+    n, bs, steps = data.shape[0], int(tcfg["batch_size"]), int(tcfg["steps"])
+    n_params = sum(p.numel() for p in unet.parameters())
+    log.info(
+        "training UNet (%.2f M params) on %d images: %d steps of batch %d on %s", n_params / 1e6, n, steps, bs, device
+    )
+    losses: list[tuple[int, float]] = []
+    unet.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="train diffusion", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        x0 = data[idx]
+        if tcfg.get("hflip"):
+            flip = torch.rand(bs, generator=gen) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        pred = unet(sched.add_noise(x0, noise, t), t).sample
+        loss = F.mse_loss(pred, _train_target(sched, x0, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.get("grad_clip"):
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), float(tcfg["grad_clip"]))
+        opt.step()
+        lr_sched.step()
+        ema.step(unet.parameters())
+        losses.append((step, loss.item()))
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(v for _, v in losses[-50:]) / len(losses[-50:]):.4f}")
+    ema.copy_to(unet.parameters())
+    unet.save_pretrained(out_dir / "unet")
+    sched.save_pretrained(out_dir / "scheduler")
+    with open(out_dir / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss"])
+        w.writerows(losses)
+    info = {"seconds": round(time.perf_counter() - t0, 2), "params": n_params, "n_images": n, "device": str(device)}
+    (out_dir / "train_info.json").write_text(json.dumps(info, indent=2))
+    log.info("trained in %.1f s, final loss (last 100 steps) %.4f", info["seconds"],
+             sum(v for _, v in losses[-100:]) / max(1, len(losses[-100:])))
+
+
+def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> DiffusionModel:
+    """Load ``model.pretrained`` (hub id or local folder) with its scheduler config when it ships one."""
+    ref = str(model_cfg["pretrained"])
+    sub = model_cfg.get("subfolder")
+    local = Path(ref).expanduser()
+    if local.is_dir() and sub is None and (local / "unet").is_dir():
+        sub = "unet"
+    try:
+        unet = UNet2DModel.from_pretrained(str(local) if local.is_dir() else ref, subfolder=sub)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f"model.pretrained={ref!r} could not be loaded ({err}). Give a local folder holding a diffusers "
+            f"UNet2DModel (config.json + weights), or a Hugging Face hub id with internet access. Offline: "
+            f"`huggingface-cli download {ref} --local-dir <dir>` on a machine with internet, copy <dir> here, "
+            f"and set model.pretrained=<dir>."
+        ) from err
+    sched_cfg = dict(model_cfg["scheduler"])
+    for cand in ("scheduler", None):
+        try:
+            sched_cfg = dict(DDPMScheduler.load_config(str(local) if local.is_dir() else ref, subfolder=cand))
+            break
+        except (OSError, ValueError):
+            continue
+    else:
+        log.warning("no scheduler config next to %s; using model.scheduler from the config", ref)
+    if unet.config.sample_size != model_cfg["sample_size"] or unet.config.in_channels != model_cfg["channels"]:
+        raise ValueError(
+            f"model.pretrained={ref!r} expects {unet.config.in_channels}x{unet.config.sample_size}px images, but "
+            f"the data gives {model_cfg['channels']}x{model_cfg['sample_size']}px: set data.image_size / data.channels"
+        )
+    return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
+
+
+def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:
+    """Everything that determines a trained model: data content, architecture, schedule, training."""
+    return {
+        "version": CACHE_VERSION,
+        "data": tensor_fingerprint(images),
+        "sample_size": model_cfg["sample_size"],
+        "channels": model_cfg["channels"],
+        "unet": model_cfg["unet"],
+        "scheduler": model_cfg["scheduler"],
+        "train": model_cfg["train"],
+    }
+
+
+def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
+    """Check the ``model`` settings before any data is read (architecture fits the image size, valid types)."""
+    ptype = model_cfg["scheduler"].get("prediction_type", "epsilon")
+    if ptype not in PREDICTION_TYPES:
+        raise ValueError(f"model.scheduler.prediction_type={ptype!r} is not valid; valid: {list(PREDICTION_TYPES)}")
+    if not model_cfg.get("pretrained"):
+        build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"])
+        for key in ("steps", "batch_size"):
+            if int(model_cfg["train"][key]) < 1:
+                raise ValueError(f"model.train.{key}={model_cfg['train'][key]!r} is not valid; use a positive integer")
+
+
+def get_diffusion_model(
+    model_cfg: dict[str, Any], images: torch.Tensor, cache: ArtifactCache, device: torch.device, progress: bool = True
+) -> DiffusionModel:
+    """Load the pretrained model, or the cached model trained on ``images``, training it first if needed."""
+    validate_model_cfg(model_cfg)
+    if model_cfg.get("pretrained"):
+        return load_pretrained(model_cfg, device)
+    spec = cache_spec(model_cfg, images)
+    entry, created = cache.get_or_create(
+        CACHE_KIND, spec, lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress)
+    )
+    if not created:
+        log.info("using cached diffusion model %s (no training)", entry)
+    unet = UNet2DModel.from_pretrained(entry / "unet").to(device).eval()
+    sched_cfg = dict(DDPMScheduler.load_config(entry / "scheduler"))
+    return DiffusionModel(unet, sched_cfg, f"trained:{entry.name}")

@@ -1,0 +1,66 @@
+"""Replacement-based inpainting (score-SDE "replacement", as LMD's official code).
+
+At every step the known pixels are replaced by the original image noised to the current step,
+``sqrt(abar_t) x0 + sqrt(1 - abar_t) z``, and the whole image is denoised one step by the scheduler.
+No RePaint-style resampling. All noise comes from per-sample generators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from ood_bench.models.diffusion import DiffusionModel
+from ood_bench.utils import randn_per_sample
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def make_scheduler(model: DiffusionModel, sampler: str, steps: int) -> DDIMScheduler | DDPMScheduler:
+    """A sampling scheduler from the model's training schedule, with ``steps`` steps ending at t=0."""
+    n_train = int(model.scheduler_config["num_train_timesteps"])
+    if not 1 <= steps <= n_train:
+        raise ValueError(f"steps={steps} is not valid; valid: 1..{n_train} (the model's training timesteps)")
+    if sampler == "ddim":
+        sched = model.ddim(timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True)
+    elif sampler == "ddpm":
+        sched = model.ddpm(timestep_spacing="trailing", clip_sample=True)
+    else:
+        raise ValueError(f"sampler={sampler!r} is not valid; valid: {list(SAMPLERS)}")
+    sched.set_timesteps(steps)
+    return sched
+
+
+@torch.no_grad()
+def inpaint(
+    model: DiffusionModel,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    sampler: str = "ddim",
+    steps: int = 25,
+    eta: float = 1.0,
+) -> torch.Tensor:
+    """Fill the pixels where ``mask == 0`` of ``x0`` (in ``[-1, 1]``); known pixels are returned unchanged.
+
+    ``mask`` broadcasts to ``x0`` (``[H, W]``, ``[1, 1, H, W]`` or ``[N, C, H, W]``), 1 = known.
+    """
+    sched = make_scheduler(model, sampler, steps)
+    device, dtype = x0.device, x0.dtype
+    mask = mask.to(device=device, dtype=dtype).expand_as(x0)
+    shape = tuple(x0.shape)
+    x = randn_per_sample(shape, generators, device, dtype)
+    for t in sched.timesteps:
+        t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
+        known_t = sched.add_noise(x0, randn_per_sample(shape, generators, device, dtype), t_batch)
+        x = mask * known_t + (1 - mask) * x
+        out = model.unet(x, t_batch).sample
+        if sampler == "ddim":
+            noise = randn_per_sample(shape, generators, device, dtype) if eta > 0 else None
+            x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
+        else:
+            x = sched.step(out, t, x, generator=list(generators)).prev_sample
+    return mask * x0 + (1 - mask) * x.clamp(-1, 1)

@@ -1,0 +1,23 @@
+"""ood_bench entry point: ``python run.py [method=lmd] [data=digits] [key=value ...]`` (``-m`` sweeps)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Run one cell and return its AUROC (what a Hydra sweeper would optimise)."""
+    from ood_bench.runner import run
+
+    return float(run(cfg)["auroc"])
+
+
+if __name__ == "__main__":
+    main()

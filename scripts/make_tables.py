@@ -1,0 +1,60 @@
+"""Summarise ``results/runs.csv`` as a table, next to the papers' numbers when they are given.
+
+    python scripts/make_tables.py [--results results] [--paper ../shared/docs/paper_tables.csv] [--method lmd]
+
+The paper file has columns ``paper,table,id_dataset,ood_dataset,method,setting,metric,value,source``;
+a run matches a paper row when its data pair is ``<id_dataset>_<ood_dataset>`` and its method matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+from pathlib import Path
+
+from ood_bench.results import format_table
+
+log = logging.getLogger("make_tables")
+
+
+def load_runs(results: Path, method: str | None) -> list[dict[str, str]]:
+    index = results / "runs.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: run `python run.py ...` first")
+    with open(index, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if method is None or r["method"] == method]
+
+
+def paper_auroc(paper: Path) -> dict[tuple[str, str], str]:
+    """``(method, pair) -> 'value (source)'`` for the AUROC rows of the paper table."""
+    out: dict[tuple[str, str], str] = {}
+    with open(paper, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["metric"] == "auroc" and r["ood_dataset"]:
+                key = (r["method"].lower(), f"{r['id_dataset']}_{r['ood_dataset']}")
+                out.setdefault(key, f"{float(r['value']) / 100:.3f} ({r['table']}, {r['setting']})")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--paper", type=Path, default=None, help="paper_tables.csv to compare with")
+    parser.add_argument("--method", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    runs = load_runs(args.results, args.method)
+    columns = ["method", "data", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "nfe_per_image",
+               "images_per_s", "seconds"]
+    if args.paper:
+        ref = paper_auroc(args.paper)
+        for r in runs:
+            r["paper_auroc"] = ref.get((r["method"].lower(), r["data"]), "")
+        columns.append("paper_auroc")
+    log.info(format_table(runs, columns))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Shared fixtures: paths to the offline data/weights, composed Hydra configs, a tiny real diffusion model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+os.environ.setdefault("OOD_BENCH_DATA", str(SHARED / "data"))
+os.environ.setdefault("OOD_BENCH_WEIGHTS", str(SHARED / "weights"))
+os.environ.setdefault("PROJECT_ROOT", str(REPO_ROOT))
+# No network here: let huggingface_hub fail at once instead of retrying connections.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# The test machine is a small shared CPU: with more torch threads than free cores, OpenMP spin-waiting makes
+# the tiny models here 10-100x slower. One thread (override with OOD_BENCH_TEST_THREADS) keeps them fast;
+# subprocesses get OMP_NUM_THREADS through ``subprocess_env`` in test_run.py.
+TEST_THREADS = int(os.environ.get("OOD_BENCH_TEST_THREADS", "1"))
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
+
+
+DATA_DIR = Path(os.environ["OOD_BENCH_DATA"])
+WEIGHTS_DIR = Path(os.environ["OOD_BENCH_WEIGHTS"])
+
+# Settings that make a full run tiny on a 2-core CPU: a ~20 k parameter UNet without attention in the
+# down/up path, a handful of training steps and a short sampler. Used by the in-process and subprocess runs.
+TINY_RUN_OVERRIDES = [
+    "debug=default",
+    "model.unet.block_out_channels=[8,16]",
+    "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+    "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+    "model.unet.norm_num_groups=4",
+    "model.unet.attention_head_dim=8",
+    "model.train.steps=5",
+    "model.train.batch_size=8",
+    "method.reps=2",
+    "method.steps=4",
+]
+
+
+def shared_path(*parts: str) -> Path:
+    """A file or folder under $OOD_BENCH_DATA; the calling test is skipped when it is absent."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared dataset {path} is absent (set OOD_BENCH_DATA to the offline data folder)")
+    return path
+
+
+def shared_weight(name: str) -> Path:
+    """A file under $OOD_BENCH_WEIGHTS; the calling test is skipped when it is absent."""
+    path = WEIGHTS_DIR / name
+    if not path.is_file():
+        pytest.skip(f"shared weights {path} are absent (set OOD_BENCH_WEIGHTS to the offline weights folder)")
+    return path
+
+
+def compose_config(overrides: list[str], tmp_path: Path):
+    """Compose ``config`` with ``overrides`` as ``run.py`` would and point every output folder at ``tmp_path``.
+
+    The caller must be inside ``hydra.initialize_config_dir``. Returns the config without its ``hydra`` node
+    (as ``@hydra.main`` hands it to the task), with ``HydraConfig`` set so ``${hydra:...}`` resolves.
+    """
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.results_dir = str(tmp_path / "results")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(tmp_path / "output")
+        cfg.hydra.runtime.output_dir = str(tmp_path / "output")
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def hydra_conf():
+    """Initialise Hydra on ``<repo>/conf``; yields a function ``compose(overrides, tmp_path)``."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield compose_config
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def cfg_default(hydra_conf, tmp_path):
+    """The default config (digits, lmd, unet_small, csv) with outputs in ``tmp_path``."""
+    return hydra_conf([], tmp_path)
+
+
+@pytest.fixture
+def cfg_tiny(hydra_conf, tmp_path):
+    """The debug config shrunk further (tiny UNet, few steps, MSE distance): a full run takes seconds."""
+    return hydra_conf([*TINY_RUN_OVERRIDES, "method.distance=mse"], tmp_path)
+
+
+def tiny_unet_kwargs(sample_size: int = 8, channels: int = 1) -> dict:
+    """A tiny real ``UNet2DModel`` (two levels, no attention blocks in the down/up path)."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusion():
+    """A randomly initialised (seeded) tiny UNet wrapped with a 1000-step linear DDPM schedule."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from ood_bench.models.diffusion import DiffusionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DModel(**tiny_unet_kwargs(sample_size=8, channels=1)).eval()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return DiffusionModel(unet, dict(sched.config), "test:random")

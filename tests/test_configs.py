@@ -1,0 +1,228 @@
+"""Every config composes, every pair instantiates lazily, and bad values fail at start with a clear message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import HydraException
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from ood_bench.data import DatasetNotFoundError, DigitsSource, Source
+from ood_bench.data.transforms import PROTOCOLS
+from ood_bench.logging.wandb_logger import WANDB_MODES
+from ood_bench.methods import METHODS, build_method
+from ood_bench.models.diffusion import PREDICTION_TYPES, build_unet
+from ood_bench.runner import LOGGERS, run, validate
+
+CONFIG_GROUPS = ("data", "method", "model", "logger")
+
+
+def choices(group: str) -> list[str]:
+    """Config files of a group, found at collection time (new files are picked up automatically)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.name.startswith("_"))
+
+
+def check_common(cfg) -> None:
+    """Fields every composed config must have, with values the runner accepts."""
+    for side in ("id", "ood"):
+        target = get_class(cfg.data[side]._target_)
+        assert issubclass(target, Source), target
+        assert cfg.data[side].name
+    assert isinstance(cfg.data.name, str) and cfg.data.name
+    assert isinstance(cfg.data.image_size, int) and cfg.data.image_size >= 8
+    assert cfg.data.channels in (1, 3)
+    assert cfg.data.resize_protocol in PROTOCOLS
+    assert cfg.method.name in METHODS, f"method.name={cfg.method.name!r} not registered: {sorted(METHODS)}"
+    assert cfg.model.name and "scheduler" in cfg.model and "unet" in cfg.model
+    assert cfg.logger.name in LOGGERS
+    for key in ("results_dir", "cache_dir", "log_dir", "data_dir", "weights_dir", "output_dir"):
+        assert OmegaConf.select(cfg, f"paths.{key}") is not None
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Composition of every choice of every group
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_groups_are_not_empty():
+    for group in ("data", "method", "model", "logger", "dataset"):
+        assert choices(group), group
+    assert "digits" in choices("data") and "lmd" in choices("method")
+
+
+def test_default_config(cfg_default):
+    check_common(cfg_default)
+    assert cfg_default.data.name == "digits" and cfg_default.logger.name == "csv"
+    assert cfg_default.overwrite is False and cfg_default.device == "auto"
+
+
+@pytest.mark.parametrize("choice", choices("data"))
+def test_data_config_composes(hydra_conf, tmp_path, choice):
+    cfg = hydra_conf([f"data={choice}"], tmp_path)
+    check_common(cfg)
+    assert cfg.data.name == choice  # results folders are named after data.name
+
+
+@pytest.mark.parametrize("choice", choices("data"))
+def test_data_sources_instantiate_lazily(hydra_conf, tmp_path, choice):
+    """Construction reads nothing; reading from an empty data folder names the folder (digits is embedded)."""
+    empty = tmp_path / "no_data_here"
+    cfg = hydra_conf([f"data={choice}", f"paths.data_dir={empty}"], tmp_path)
+    for side in ("id", "ood"):
+        src = instantiate(cfg.data[side])
+        assert isinstance(src, Source) and src.name == cfg.data[side].name
+        assert src.describe()["name"] == src.name
+        if isinstance(src, DigitsSource):
+            assert len(src.labels("test")) > 0
+            continue
+        with pytest.raises(DatasetNotFoundError) as err:
+            src.labels("test")
+        assert str(empty) in str(err.value)
+    assert not empty.exists()
+
+
+@pytest.mark.parametrize("choice", choices("method"))
+def test_method_config_composes_and_builds(hydra_conf, tmp_path, choice):
+    cfg = hydra_conf([f"method={choice}"], tmp_path)
+    check_common(cfg)
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+    assert type(method) is METHODS[cfg.method.name]
+    assert isinstance(method.describe(), dict)
+
+
+@pytest.mark.parametrize("choice", choices("model"))
+def test_model_config_composes_and_builds(hydra_conf, tmp_path, choice):
+    cfg = hydra_conf([f"model={choice}"], tmp_path)
+    check_common(cfg)
+    assert cfg.model.name == choice
+    assert cfg.model.scheduler.get("prediction_type", "epsilon") in PREDICTION_TYPES
+    for key in ("steps", "batch_size", "lr", "seed"):
+        assert key in cfg.model.train
+    if cfg.model.pretrained:
+        return  # a hub id or folder: loading is tested in test_cache_results.py
+    unet_cfg = OmegaConf.to_container(cfg.model.unet, resolve=True)
+    with torch.random.fork_rng(devices=[]):
+        unet = build_unet(unet_cfg, sample_size=32, channels=3)
+    assert unet.config.sample_size == 32 and unet.config.in_channels == 3 == unet.config.out_channels
+
+
+@pytest.mark.parametrize("choice", choices("logger"))
+def test_logger_config_composes(hydra_conf, tmp_path, choice):
+    cfg = hydra_conf([f"logger={choice}"], tmp_path)
+    check_common(cfg)
+    assert cfg.logger.name == choice
+    if choice == "wandb":
+        assert cfg.logger.mode in WANDB_MODES
+        assert cfg.logger.dir == str(tmp_path / "output")  # ${paths.output_dir}
+
+
+@pytest.mark.parametrize("choice", choices("experiment"))
+def test_experiment_config_composes(hydra_conf, tmp_path, choice):
+    """An experiment composes, its method builds, and every choice its sweep lists exists and composes."""
+    from hydra import compose
+
+    cfg = hydra_conf([f"experiment={choice}"], tmp_path)
+    check_common(cfg)
+    build_method(OmegaConf.to_container(cfg.method, resolve=True))
+    full = compose(config_name="config", overrides=[f"experiment={choice}"], return_hydra_config=True)
+    params = OmegaConf.to_container(full.hydra.sweeper.params) or {}
+    for key, values in params.items():
+        if key not in CONFIG_GROUPS:
+            continue
+        for value in str(values).split(","):
+            value = value.strip()
+            assert value in choices(key), f"experiment {choice} sweeps {key}={value}, not in conf/{key}/"
+            swept = hydra_conf([f"experiment={choice}", f"{key}={value}"], tmp_path)
+            check_common(swept)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wrong choices and wrong values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["data", "method", "model", "logger"])
+def test_wrong_group_choice_lists_valid_choices(hydra_conf, tmp_path, group):
+    with pytest.raises(HydraException) as err:
+        hydra_conf([f"{group}=nope"], tmp_path)
+    msg = str(err.value)
+    assert f"{group}/nope" in msg and "Available options" in msg
+    for valid in choices(group):
+        assert valid in msg
+
+
+def _fail_fast_cfg(hydra_conf, tmp_path, overrides):
+    """A config whose data reads would fail (no files under paths.data_dir): a ValueError proves validation
+    ran before any data was read; nothing may be written."""
+    return hydra_conf(["data=mnist_fashionmnist", f"paths.data_dir={tmp_path / 'no_data'}", *overrides], tmp_path)
+
+
+BAD_VALUES = [
+    (["method.distance=foo"], r"method\.distance='foo'.*lpips.*mse.*ssim"),
+    (["method.reps=0"], r"method\.reps=0.*positive integer"),
+    (["method.steps=-3"], r"method\.steps=-3.*positive integer"),
+    (["method.sampler=euler"], r"method\.sampler='euler'.*ddim.*ddpm"),
+    (["method.mask=stripes"], r"method\.mask='stripes'.*checkerboard_alt"),
+    (["method.aggregate=max"], r"method\.aggregate='max'.*median.*mean"),
+    (["method.eta=1.5"], r"method\.eta=1\.5"),
+    (["data.resize_protocol=bar"], r"data\.resize_protocol='bar'.*common_min.*direct"),
+    (["data.n_train=0"], r"data\.n_train=0.*positive integer"),
+    (["data.n_ood_test=-5"], r"data\.n_ood_test=-5"),
+    (["logger=wandb", "logger.mode=bogus"], r"logger\.mode='bogus'.*online.*offline.*disabled"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_value_fails_at_start(hydra_conf, tmp_path, overrides, message):
+    cfg = _fail_fast_cfg(hydra_conf, tmp_path, overrides)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_fails_at_start(hydra_conf, tmp_path):
+    cfg = _fail_fast_cfg(hydra_conf, tmp_path, ["device=cuda:0"])
+    with pytest.raises(ValueError, match=r"device='cuda:0'.*CUDA is not available.*device=auto or device=cpu"):
+        run(cfg)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, key, valid",
+    [
+        (["method.lpips_net=resnet"], "method.lpips_net='resnet'", ["alex", "vgg", "squeeze"]),
+        (["model.scheduler.prediction_type=x0"], "prediction_type='x0'", ["epsilon", "sample", "v_prediction"]),
+    ],
+    ids=["lpips_net", "prediction_type"],
+)
+def test_model_and_distance_settings_fail_before_data_is_read(hydra_conf, tmp_path, overrides, key, valid):
+    """Settings checked deeper down (distance, noise schedule) must also fail before any data is read,
+    as ``runner.validate`` promises."""
+    cfg = _fail_fast_cfg(hydra_conf, tmp_path, overrides)
+    with pytest.raises(ValueError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert key in msg, msg
+    for v in valid:
+        assert v in msg, msg
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unknown_method_name_lists_registered(hydra_conf, tmp_path):
+    cfg = _fail_fast_cfg(hydra_conf, tmp_path, ["method.name=nope"])
+    with pytest.raises((KeyError, ValueError)) as err:
+        run(cfg)
+    for name in METHODS:
+        assert name in str(err.value)
+
+
+def test_missing_data_is_reported_after_validation(hydra_conf, tmp_path):
+    """With valid settings the same config reaches the data and names the missing folder."""
+    cfg = _fail_fast_cfg(hydra_conf, tmp_path, ["method.distance=mse"])
+    with pytest.raises(DatasetNotFoundError, match="no_data"):
+        run(cfg)
