@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model_cfg.update(sample_size=cfg.data.image_size, channels=cfg.data.channels)
     if method.uses_image_model:
         validate_model_cfg(model_cfg)
+    method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
     identity = config_identity(cfg, method_cfg, method.uses_image_model, set(method.runtime_keys))
     config_hash = stable_hash(identity)
     store = RunStore(cfg.paths.results_dir, method.name, cfg.data.name, config_hash)
@@ -113,7 +114,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed, "model": cfg.model.name if method.uses_image_model else "",
         "image_size": cfg.data.image_size, "channels": cfg.data.channels,
         "resize_protocol": cfg.data.resize_protocol, "resize_via": pair.meta["resize_via"],
-        "n_train": pair.meta["n_train"],
+        "n_train": pair.meta["n_train"], "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
+        "ood_files": pair.meta["ood"].get("files", pair.meta["ood"]["type"]),
         **{f"method.{k}": v for k, v in method.describe().items()},
     }
     per_sample = _per_sample_columns(pair, s_id, s_ood)

@@ -34,7 +34,7 @@ DATA_DIR = Path(os.environ["OOD_BENCH_DATA"])
 WEIGHTS_DIR = Path(os.environ["OOD_BENCH_WEIGHTS"])
 
 # Settings that make a full run tiny on a 2-core CPU: a ~20 k parameter UNet without attention in the
-# down/up path, a handful of training steps and a short sampler. Used by the in-process and subprocess runs.
+# down/up path, a handful of training steps and a short sampler (the `cfg_tiny` fixture: in-process runs).
 TINY_RUN_OVERRIDES = [
     "debug=default",
     "model.unet.block_out_channels=[8,16]",

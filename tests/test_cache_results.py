@@ -10,9 +10,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet_kwargs
 from diffusers import DDPMScheduler, UNet2DModel
 
-from conftest import tiny_unet_kwargs
 from ood_bench.cache import ArtifactCache
 from ood_bench.metrics import CONVENTION
 from ood_bench.models.diffusion import CACHE_KIND, get_diffusion_model, load_pretrained
@@ -233,7 +233,8 @@ def test_pretrained_flat_folder(tmp_path, caplog):
 
 def test_pretrained_pipeline_folder_uses_its_scheduler(tmp_path):
     unet = _saved_unet(tmp_path / "pipe" / "unet", seed=2)
-    DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2").save_pretrained(tmp_path / "pipe" / "scheduler")
+    sched = DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2")
+    sched.save_pretrained(tmp_path / "pipe" / "scheduler")
     cfg = tiny_model_cfg()
     cfg["pretrained"] = str(tmp_path / "pipe")
     model = load_pretrained(cfg, torch.device("cpu"))

@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from PIL import Image
 
-from conftest import shared_path
 from ood_bench.data import (
     DatasetNotFoundError,
     DigitsSource,
@@ -407,3 +407,14 @@ def test_channel_conversion_rgb_to_grey_is_luma():
     luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
     assert torch.allclose(x[:, 0].double(), luma, atol=1e-6)
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+
+
+def test_pair_rejects_an_empty_split_instead_of_collapsing_the_resolution(digits):
+    """A test-only source (textures) on the ID side has no training images. The empty decode comes back as a
+    [0, 3, 1, 1] tensor whose '1 px' native size makes common_min squeeze every image through 1x1 pixels;
+    an empty split must be a clear error naming the source and the split."""
+    path = shared_path("textures-dtd10-jpeg32")
+    tex = ImageFolderSource("textures", path.name, str(path.parent))
+    with pytest.raises(ValueError) as err:
+        build_pair("tex_vs_digits", tex, digits, image_size=32, channels=3, n_id_test=5, n_ood_test=5)
+    assert "textures" in str(err.value) and "train" in str(err.value)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import DATA_DIR, REPO_ROOT, TEST_THREADS, WEIGHTS_DIR, shared_weight
+
 from ood_bench.metrics import ood_metrics
 
 REQUIRED_COLUMNS = [
@@ -168,13 +168,13 @@ def test_overwrite_reruns_with_cached_model(mse_run, work):
 
 def test_lpips_run_uses_shared_weights(mse_run, work):
     shared_weight("alexnet_features_imagenet.pth")
-    _, out = run_cli(base_args(work, results="results_lpips"))  # distance: lpips (the method default)
+    _, out = run_cli([*base_args(work, results="results_lpips"), "method.distance=lpips"])
     assert "using cached diffusion model" in out  # the model does not depend on the distance
     dirs = run_dirs(work / "results_lpips")
     assert len(dirs) == 1
     assert dirs[0].name != run_dirs(mse_run[0])[0].name  # another distance, another config hash
     rec = check_run_folder(dirs[0], "lpips-alex(file:alexnet_features_imagenet.pth")
-    assert "upsampled 16->32" in rec["method.distance_used"]
+    assert "upsampled" in rec["method.distance_used"]  # 16px digits are below the net's 32px minimum
 
 
 def test_multirun_writes_one_folder_per_job(mse_run, work):
@@ -287,7 +287,7 @@ def test_wandb_offline_run_holds_the_record(mse_run, work):
         assert json.loads(summary_file.read_text())["auroc"] == pytest.approx(float(rec["auroc"]), abs=1e-12)
 
     history = [r for r in records if r.WhichOneof("record_type") == "history"]
-    logged = {i.key: json.loads(i.value_json) for h in history for i in h.item if i.key}
+    logged = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for h in history for i in h.history.item}
     assert logged["auroc"] == pytest.approx(float(rec["auroc"]), abs=1e-12)
 
     run_record = next(r for r in records if r.WhichOneof("record_type") == "run")
@@ -303,3 +303,28 @@ def test_wandb_offline_run_holds_the_record(mse_run, work):
     assert len(table["data"]) == len(scores)
     assert np.allclose([row[col] for row in table["data"]], [float(r["score"]) for r in scores])
     assert not (wb_env / "wandb").exists() or not list((wb_env / "wandb").glob("offline-run-*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In process, from a composed config (the fixture route of lightning-hydra-template)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_in_process_run_from_composed_config(cfg_tiny, tmp_path, caplog):
+    import logging
+
+    from ood_bench.runner import run
+
+    caplog.set_level(logging.INFO, logger="ood_bench")
+    record = run(cfg_tiny)
+    run_dir = tmp_path / "results" / "lmd" / "digits" / record["config_hash"]
+    rec = check_run_folder(run_dir, "mse")
+    assert float(rec["auroc"]) == pytest.approx(record["auroc"], abs=1e-12)
+    assert int(rec["method.reps"]) == cfg_tiny.method.reps == 2
+    assert "training UNet" in caplog.text
+
+    caplog.clear()
+    again = run(cfg_tiny)  # complete: read back from summary.csv, nothing recomputed
+    assert "are complete" in caplog.text and "training UNet" not in caplog.text
+    assert float(again["auroc"]) == pytest.approx(record["auroc"], abs=1e-12)
+    assert len(read_csv(tmp_path / "results" / "runs.csv")) == 1

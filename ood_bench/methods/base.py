@@ -59,6 +59,9 @@ class Method(ABC):
     #: constructor arguments that do not change the numbers (left out of the config hash)
     runtime_keys: ClassVar[tuple[str, ...]] = ("batch_size", "weights_dir")
 
+    def check(self, image_size: int, channels: int, model_cfg: dict[str, Any] | None) -> None:  # noqa: B027
+        """Fail fast on settings that do not fit the data or model (called before any data is read)."""
+
     @abstractmethod
     def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
         """Train or load (through the cache) everything the method needs."""

@@ -111,8 +111,13 @@ class DLSR(Method):
         _choice("score", score, SCORES)
         _choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
         for key, val in (
-            ("input_size", input_size), ("width", width), ("num_blocks", num_blocks), ("epochs", epochs),
-            ("train_batch_size", train_batch_size), ("batch_size", batch_size), ("early_epoch", early_epoch),
+            ("input_size", input_size),
+            ("width", width),
+            ("num_blocks", num_blocks),
+            ("epochs", epochs),
+            ("train_batch_size", train_batch_size),
+            ("batch_size", batch_size),
+            ("early_epoch", early_epoch),
         ):
             _positive_int(key, val)
         if not isinstance(t, int) or not 0 <= t < timesteps:
@@ -133,15 +138,22 @@ class DLSR(Method):
             epochs, train_batch_size, float(lr), float(weight_decay), float(ema_decay), early_epoch, train_seed
         )
         self.lfdn_kwargs = {
-            "width": width, "num_blocks": num_blocks, "time_embed_dim": time_embed_dim, "dropout": float(dropout),
+            "width": width,
+            "num_blocks": num_blocks,
+            "time_embed_dim": time_embed_dim,
+            "dropout": float(dropout),
         }
         self.t, self.eta, self.score_name = t, float(eta), score
         self.mfsim_skip_first, self.mse_reduction, self.batch_size = bool(mfsim_skip_first), mse_reduction, batch_size
         wdir = weights_dir or os.environ.get("OOD_BENCH_WEIGHTS")
         # Built here so that a bad layer name or missing weights fail before any data is read.
         self.encoder = FeatureEncoder(
-            encoder, layers=list(layers) if layers else None, weights=str(encoder_weights), weights_dir=wdir,
-            input_size=input_size, stride=pool_stride,
+            encoder,
+            layers=list(layers) if layers else None,
+            weights=str(encoder_weights),
+            weights_dir=wdir,
+            input_size=input_size,
+            stride=pool_stride,
         )
         self.model: LFDN | None = None
         self.early: LFDN | None = None
@@ -152,7 +164,9 @@ class DLSR(Method):
     def features(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Encoder features of ``images`` through the cache (kind ``features``; key: image content + encoder)."""
         spec = {
-            "version": FEATURES_VERSION, "images": tensor_fingerprint(images), "n": len(images),
+            "version": FEATURES_VERSION,
+            "images": tensor_fingerprint(images),
+            "n": len(images),
             "encoder": self.encoder.identity(),
         }
         key = ctx.cache.key("features", spec)
@@ -163,7 +177,10 @@ class DLSR(Method):
         def build(tmp: Path) -> None:
             log.info(
                 "extracting features ... %d images, encoder %s at %dpx, layers %s",
-                len(images), self.encoder.name, self.encoder.input_size, ",".join(self.encoder.layers),
+                len(images),
+                self.encoder.name,
+                self.encoder.input_size,
+                ",".join(self.encoder.layers),
             )
             torch.save(self._extract(images, ctx), tmp / "features.pt")
             self.features_extracted += 1
@@ -189,20 +206,31 @@ class DLSR(Method):
     def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
         feats = self.features(id_train, ctx)
         spec = {
-            "version": LFDN_VERSION, "features": tensor_fingerprint(feats), "encoder": self.encoder.identity(),
-            "lfdn": self.lfdn_kwargs, "diffusion": asdict(self.diffusion), "train": asdict(self.train_cfg),
+            "version": LFDN_VERSION,
+            "features": tensor_fingerprint(feats),
+            "encoder": self.encoder.identity(),
+            "lfdn": self.lfdn_kwargs,
+            "diffusion": asdict(self.diffusion),
+            "train": asdict(self.train_cfg),
         }
 
         def build(tmp: Path) -> None:
             log.info(
                 "training LFDN (%s) on %d feature vectors of dim %d for %d epochs",
-                self.lfdn_kwargs, len(feats), feats.shape[1], self.train_cfg.epochs,
+                self.lfdn_kwargs,
+                len(feats),
+                feats.shape[1],
+                self.train_cfg.epochs,
             )
             res = train_lfdn(self._new_lfdn(), feats, self.diffusion, self.train_cfg, ctx.device, ctx.progress)
             torch.save(res.final, tmp / "final.pt")
             torch.save(res.early, tmp / "early.pt")
             write_loss_csv(tmp / "loss.csv", res.losses)
-            meta = {"train_seconds": round(res.seconds, 3), "final_loss": res.losses[-1][2], "steps": len(res.losses)}
+            meta = {
+                "train_seconds": round(res.seconds, 3),
+                "final_loss": res.losses[-1][2],
+                "train_steps": len(res.losses),
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
         entry, created = ctx.cache.get_or_create("lfdn", spec, build)
@@ -250,13 +278,25 @@ class DLSR(Method):
         enc = self.encoder
         n_params = sum(p.numel() for p in self.model.parameters()) if self.model is not None else None
         return {
-            "encoder": enc.name, "encoder_weights": enc.weights_id, "layers": ",".join(enc.layers),
-            "input_size": enc.input_size, "pool_stride": enc.stride, "feature_dim": enc.dim,
-            "block_sizes": ",".join(map(str, enc.block_sizes)), "width": self.lfdn_kwargs["width"],
-            "num_blocks": self.lfdn_kwargs["num_blocks"], "lfdn_params": n_params, "epochs": self.train_cfg.epochs,
-            "early_epoch": self.train_cfg.early_epoch, "t": self.t, "eta": self.eta, "score": self.score_name,
-            "mfsim_skip_first": self.mfsim_skip_first, "mse_reduction": self.mse_reduction,
-            "features_extracted": self.features_extracted, **self.info,
+            "encoder": enc.name,
+            "encoder_weights": enc.weights_id,
+            "layers": ",".join(enc.layers),
+            "input_size": enc.input_size,
+            "pool_stride": enc.stride,
+            "feature_dim": enc.dim,
+            "block_sizes": ",".join(map(str, enc.block_sizes)),
+            "width": self.lfdn_kwargs["width"],
+            "num_blocks": self.lfdn_kwargs["num_blocks"],
+            "lfdn_params": n_params,
+            "epochs": self.train_cfg.epochs,
+            "early_epoch": self.train_cfg.early_epoch,
+            "t": self.t,
+            "eta": self.eta,
+            "score": self.score_name,
+            "mfsim_skip_first": self.mfsim_skip_first,
+            "mse_reduction": self.mse_reduction,
+            "features_extracted": self.features_extracted,
+            **self.info,
         }
 
 

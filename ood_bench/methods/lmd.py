@@ -58,9 +58,10 @@ class LMD(Method):
         _choice("distance", distance, DISTANCES)
         _choice("aggregate", aggregate, AGGREGATES)
         _choice("lpips_net", lpips_net, tuple(LPIPS_NETS))
-        for key, val in (("num_blocks", num_blocks), ("reps", reps), ("steps", steps), ("batch_size", batch_size)):
-            if not isinstance(val, int) or val < 1:
-                raise ValueError(f"method.{key}={val!r} is not valid; use a positive integer")
+        for key, val, low in (("num_blocks", num_blocks, 2), ("reps", reps, 1), ("steps", steps, 1),
+                              ("batch_size", batch_size, 1)):
+            if not isinstance(val, int) or val < low:
+                raise ValueError(f"method.{key}={val!r} is not valid; use an integer >= {low}")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"method.eta={eta} is not valid; valid: 0 <= eta <= 1")
         self.mask, self.num_blocks, self.reps = mask, num_blocks, reps
@@ -69,6 +70,14 @@ class LMD(Method):
         self.weights_dir, self.aggregate, self.batch_size = weights_dir, aggregate, batch_size
         self.model: DiffusionModel | None = None
         self.distance: Distance | None = None
+
+    def check(self, image_size: int, channels: int, model_cfg: dict[str, Any] | None) -> None:
+        for rep in range(min(2, self.reps)):
+            lmd_mask(self.mask, image_size, self.num_blocks, rep)
+        if model_cfg is not None and not model_cfg.get("pretrained"):
+            n_train = int(model_cfg["scheduler"]["num_train_timesteps"])
+            if self.steps > n_train:
+                raise ValueError(f"method.steps={self.steps} is not valid; valid: 1..{n_train} (model timesteps)")
 
     def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
         # The distance first: a missing LPIPS backbone fails before any training.

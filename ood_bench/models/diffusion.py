@@ -78,7 +78,20 @@ def _train_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t
 def train_unet(
     images: torch.Tensor, model_cfg: dict[str, Any], device: torch.device, out_dir: Path, progress: bool = True
 ) -> None:
-    """Train a UNet on ``images`` (float ``[0,1]``) and save the EMA weights and the schedule to ``out_dir``."""
+    """Train a UNet on ``images`` (float ``[0,1]``) and save the EMA weights and the schedule to ``out_dir``.
+
+    Initialisation, dropout and every draw are seeded by ``model.train.seed`` (the global RNG state is
+    restored afterwards), so the same cache key always yields the same weights on the same device.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(model_cfg["train"]["seed"]))
+        _train_unet(images, model_cfg, device, out_dir, progress)
+
+
+def _train_unet(
+    images: torch.Tensor, model_cfg: dict[str, Any], device: torch.device, out_dir: Path, progress: bool
+) -> None:
     tcfg = model_cfg["train"]
     sched = DDPMScheduler(**model_cfg["scheduler"])
     unet = build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"]).to(device)

@@ -61,15 +61,24 @@ class EncoderWeightsError(FileNotFoundError):
 
 # (repeats, kernel, stride, expand ratio, in filters, out filters) of the seven stages of EfficientNet-B0.
 _EFFNET_STAGES = (
-    (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320),
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
 )
 # name: (width multiplier, depth multiplier, lite)
 _EFFNET_PARAMS = {
-    "efficientnet-b0": (1.0, 1.0, False), "efficientnet-b1": (1.0, 1.1, False),
-    "efficientnet-b2": (1.1, 1.2, False), "efficientnet-b3": (1.2, 1.4, False),
-    "efficientnet-b4": (1.4, 1.8, False), "efficientnet-b5": (1.6, 2.2, False),
-    "efficientnet-b6": (1.8, 2.6, False), "efficientnet-b7": (2.0, 3.1, False),
+    "efficientnet-b0": (1.0, 1.0, False),
+    "efficientnet-b1": (1.0, 1.1, False),
+    "efficientnet-b2": (1.1, 1.2, False),
+    "efficientnet-b3": (1.2, 1.4, False),
+    "efficientnet-b4": (1.4, 1.8, False),
+    "efficientnet-b5": (1.6, 2.2, False),
+    "efficientnet-b6": (1.8, 2.6, False),
+    "efficientnet-b7": (2.0, 3.1, False),
     "efficientnet-lite0": (1.0, 1.0, True),
 }
 
@@ -182,20 +191,19 @@ class Preset:
 
 
 _CUSTOM: dict[str, Preset] = {
-    **{
-        name: Preset(layers=None, local_file=file, url=LUKEMELAS_URL + file)
-        for name, file in LUKEMELAS_FILES.items()
-    },
+    **{name: Preset(layers=None, local_file=file, url=LUKEMELAS_URL + file) for name, file in LUKEMELAS_FILES.items()},
     # Lite models were trained on inputs scaled as (x*255 - 127) / 128 (TF reference preprocessing).
     "efficientnet-lite0": Preset(
         layers=("_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_blocks.15"),
-        mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3,
+        mean=(127.0 / 255,) * 3,
+        std=(128.0 / 255,) * 3,
     ),
 }
 # DLSR (UniAD) taps the last block of stages 1, 2, 3, 5, 7: blocks [1, 5, 9, 21, 31] of EfficientNet-B4.
 _CUSTOM["efficientnet-b4"] = Preset(
     layers=("_blocks.1", "_blocks.5", "_blocks.9", "_blocks.21", "_blocks.31"),
-    local_file=LUKEMELAS_FILES["efficientnet-b4"], url=LUKEMELAS_URL + LUKEMELAS_FILES["efficientnet-b4"],
+    local_file=LUKEMELAS_FILES["efficientnet-b4"],
+    url=LUKEMELAS_URL + LUKEMELAS_FILES["efficientnet-b4"],
 )
 
 # torchvision defaults: ReLU outputs after the conv layers (AlexNet), after each VGG block, the paper's ResNet-50
@@ -535,9 +543,15 @@ class FeatureEncoder(nn.Module):
     def identity(self) -> dict[str, Any]:
         """Everything that determines the features (for cache keys and the results row)."""
         return {
-            "encoder": self.name, "weights": self.weights_id, "layers": list(self.layers),
-            "input_size": self.input_size, "stride": self.stride, "block_sizes": list(self.block_sizes),
-            "resize": "bilinear-antialias", "pool": "mfcn-bilinear-gap", "zscore": "unbiased+1e-5",
+            "encoder": self.name,
+            "weights": self.weights_id,
+            "layers": list(self.layers),
+            "input_size": self.input_size,
+            "stride": self.stride,
+            "block_sizes": list(self.block_sizes),
+            "resize": "bilinear-antialias",
+            "pool": "mfcn-bilinear-gap",
+            "zscore": "unbiased+1e-5",
         }
 
 

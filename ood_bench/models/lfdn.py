@@ -112,8 +112,12 @@ class DiffusionConfig:
 
     def _kwargs(self) -> dict[str, Any]:
         return dict(
-            num_train_timesteps=self.timesteps, beta_start=self.beta_start, beta_end=self.beta_end,
-            beta_schedule=self.beta_schedule, prediction_type="sample", clip_sample=False,
+            num_train_timesteps=self.timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+            beta_schedule=self.beta_schedule,
+            prediction_type="sample",
+            clip_sample=False,
         )
 
     def ddpm(self) -> DDPMScheduler:

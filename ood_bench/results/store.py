@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from ood_bench.metrics import CONVENTION
 from ood_bench.utils import atomic_write_text
@@ -89,15 +90,16 @@ class RunStore:
     def _append_index(self, record: Mapping[str, Any]) -> None:
         """Add the row to ``runs.csv`` (rewritten atomically; columns are the union of all rows)."""
         index = self.results_dir / "runs.csv"
-        rows: list[dict[str, Any]] = []
-        if index.is_file():
-            with open(index, newline="") as f:
-                rows = list(csv.DictReader(f))
-        rows.append(dict(record))
-        cols: list[str] = []
-        for r in rows:
-            cols += [c for c in ordered_columns(r) if c not in cols]
-        atomic_write_text(index, _csv_text(rows, cols))
+        with FileLock(str(index) + ".lock"):  # parallel sweep jobs append one at a time
+            rows: list[dict[str, Any]] = []
+            if index.is_file():
+                with open(index, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            rows.append(dict(record))
+            cols: list[str] = []
+            for r in rows:
+                cols += [c for c in ordered_columns(r) if c not in cols]
+            atomic_write_text(index, _csv_text(rows, cols))
 
 
 def format_table(records: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:

@@ -13,7 +13,7 @@ def checkerboard_mask(size: int, num_blocks: int, inverted: bool = False) -> tor
     Normal board: block (i, j) is known when i + j is even; the inverted board swaps known and unknown.
     """
     if num_blocks < 2 or size % num_blocks:
-        raise ValueError(f"num_blocks={num_blocks} must be >= 2 and divide the image size {size}")
+        raise ValueError(f"method.num_blocks={num_blocks} must be >= 2 and divide data.image_size={size}")
     grid = torch.ones(num_blocks, num_blocks)
     if inverted:
         grid[::2, ::2] = 0

