@@ -38,9 +38,7 @@ class ArtifactCache:
     def has(self, kind: str, key: str) -> bool:
         return (self.entry(kind, key) / "spec.json").is_file()
 
-    def get_or_create(
-        self, kind: str, spec: Any, build: Callable[[Path], None]
-    ) -> tuple[Path, bool]:
+    def get_or_create(self, kind: str, spec: Any, build: Callable[[Path], None]) -> tuple[Path, bool]:
         """Return ``(entry_dir, created)``; ``build(tmp_dir)`` fills a new entry when none exists."""
         key = self.key(kind, spec)
         final = self.entry(kind, key)

@@ -50,12 +50,18 @@ def load_pair(data_cfg: DictConfig) -> Pair:
     """Instantiate the two dataset sources and build the pair."""
     d = data_cfg
     return build_pair(
-        d.name, instantiate(d.id), instantiate(d.ood),
-        image_size=d.image_size, channels=d.channels, n_train=d.n_train, n_id_test=d.n_id_test,
+        d.name,
+        instantiate(d.id),
+        instantiate(d.ood),
+        image_size=d.image_size,
+        channels=d.channels,
+        n_train=d.n_train,
+        n_id_test=d.n_id_test,
         n_ood_test=d.n_ood_test,
         id_classes=OmegaConf.to_container(d.id_classes) if d.id_classes is not None else None,
         ood_classes=OmegaConf.to_container(d.ood_classes) if d.ood_classes is not None else None,
-        resize_protocol=d.resize_protocol, seed=d.seed,
+        resize_protocol=d.resize_protocol,
+        seed=d.seed,
     )
 
 
@@ -97,8 +103,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     pair = load_pair(cfg.data)
     ctx = Context(
-        device=device, cache=ArtifactCache(cfg.paths.cache_dir), seed=cfg.seed,
-        weights_dir=Path(cfg.paths.weights_dir), model_cfg=model_cfg, data_meta=pair.meta, progress=cfg.progress,
+        device=device,
+        cache=ArtifactCache(cfg.paths.cache_dir),
+        seed=cfg.seed,
+        weights_dir=Path(cfg.paths.weights_dir),
+        model_cfg=model_cfg,
+        data_meta=pair.meta,
+        progress=cfg.progress,
     )
     t0 = time.perf_counter()
     method.fit(pair.id_train.images, ctx)
@@ -111,16 +122,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     n_id, n_ood = len(s_id.values), len(s_ood.values)
 
     record: dict[str, Any] = {
-        "method": method.name, "data": cfg.data.name, "config_hash": config_hash, "n_id": n_id, "n_ood": n_ood,
+        "method": method.name,
+        "data": cfg.data.name,
+        "config_hash": config_hash,
+        "n_id": n_id,
+        "n_ood": n_ood,
         **metrics,
-        "seconds": round(time.perf_counter() - t_start, 3), "fit_seconds": round(t_fit, 3),
-        "score_seconds": round(t_score, 3), "nfe_per_image": s_id.nfe_per_image,
-        "images_per_s": round((n_id + n_ood) / max(t_score, 1e-9), 4), "device": str(device),
-        "git_commit": git_commit(), "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seed": cfg.seed, "model": cfg.model.name if method.uses_image_model else "",
-        "image_size": cfg.data.image_size, "channels": cfg.data.channels,
-        "resize_protocol": cfg.data.resize_protocol, "resize_via": pair.meta["resize_via"],
-        "n_train": pair.meta["n_train"], "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "fit_seconds": round(t_fit, 3),
+        "score_seconds": round(t_score, 3),
+        "nfe_per_image": s_id.nfe_per_image,
+        "images_per_s": round((n_id + n_ood) / max(t_score, 1e-9), 4),
+        "device": str(device),
+        "git_commit": git_commit(),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seed": cfg.seed,
+        "model": cfg.model.name if method.uses_image_model else "",
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "resize_protocol": cfg.data.resize_protocol,
+        "resize_via": pair.meta["resize_via"],
+        "n_train": pair.meta["n_train"],
+        "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
         "ood_files": pair.meta["ood"].get("files", pair.meta["ood"]["type"]),
         **{f"method.{k}": v for k, v in method.describe().items()},
     }
@@ -128,8 +151,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     store.write(record, per_sample, OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.logger.name == "wandb":
         log_to_wandb(
-            record, identity, mode=cfg.logger.mode, project=cfg.logger.project, entity=cfg.logger.entity,
-            group=cfg.logger.group, tags=list(cfg.logger.tags or []), dir=cfg.logger.dir,
+            record,
+            identity,
+            mode=cfg.logger.mode,
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            tags=list(cfg.logger.tags or []),
+            dir=cfg.logger.dir,
             per_sample=per_sample if cfg.logger.log_scores else None,
         )
     log.info("\n%s", format_table([record]))

@@ -59,8 +59,18 @@ def main() -> None:
     log.info(
         "model=%s (%.2f M params) device=%s threads=%d image=%dx%dx%d batch=%d steps=%d: best %.2f s, "
         "%.1f image-NFE/s, %.2f ms per image-NFE",
-        args.model, sum(q.numel() for q in unet.parameters()) / 1e6, device, torch.get_num_threads(),
-        args.channels, args.size, args.size, args.batch, args.steps, best, nfe / best, 1000 * best / nfe,
+        args.model,
+        sum(q.numel() for q in unet.parameters()) / 1e6,
+        device,
+        torch.get_num_threads(),
+        args.channels,
+        args.size,
+        args.size,
+        args.batch,
+        args.steps,
+        best,
+        nfe / best,
+        1000 * best / nfe,
     )
 
 

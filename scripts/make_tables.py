@@ -46,8 +46,19 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_runs(args.results, args.method)
-    columns = ["method", "data", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "nfe_per_image",
-               "images_per_s", "seconds"]
+    columns = [
+        "method",
+        "data",
+        "n_id",
+        "n_ood",
+        "auroc",
+        "fpr95",
+        "aupr_in",
+        "aupr_out",
+        "nfe_per_image",
+        "images_per_s",
+        "seconds",
+    ]
     if args.paper:
         ref = paper_auroc(args.paper)
         for r in runs:

@@ -310,8 +310,16 @@ def test_cifar10_falls_back_to_image_folder():
 
 
 def _digits_pair(src, seed=0, **kw):
-    args = dict(image_size=16, channels=1, n_train=50, n_id_test=20, n_ood_test=30,
-                id_classes=[0, 1, 2, 3, 4], ood_classes=[5, 6, 7, 8, 9], seed=seed)
+    args = dict(
+        image_size=16,
+        channels=1,
+        n_train=50,
+        n_id_test=20,
+        n_ood_test=30,
+        id_classes=[0, 1, 2, 3, 4],
+        ood_classes=[5, 6, 7, 8, 9],
+        seed=seed,
+    )
     args.update(kw)
     return build_pair("digits", src, src, **args)
 
@@ -398,7 +406,14 @@ def test_channel_conversion_rgb_to_grey_is_luma():
     tex = ImageFolderSource("textures", path.name, str(path.parent))
     digits = DigitsSource()
     pair = build_pair(
-        "d_vs_tex", digits, tex, image_size=32, channels=1, n_train=4, n_id_test=4, n_ood_test=5,
+        "d_vs_tex",
+        digits,
+        tex,
+        image_size=32,
+        channels=1,
+        n_train=4,
+        n_id_test=4,
+        n_ood_test=5,
         resize_protocol="direct",
     )
     x = pair.ood_test.images

@@ -59,8 +59,9 @@ def test_checkerboard_alt_alternates_across_reps():
         assert torch.equal(lmd_mask("checkerboard", 16, 4, rep), normal)
         assert torch.equal(lmd_mask("checkerboard_inv", 16, 4, rep), inverted)
     # over two repeats every pixel is inpainted once
-    assert torch.equal(lmd_mask("checkerboard_alt", 16, 4, 0) + lmd_mask("checkerboard_alt", 16, 4, 1),
-                       torch.ones(16, 16))
+    assert torch.equal(
+        lmd_mask("checkerboard_alt", 16, 4, 0) + lmd_mask("checkerboard_alt", 16, 4, 1), torch.ones(16, 16)
+    )
 
 
 def test_center_mask():

@@ -18,8 +18,21 @@ from conftest import DATA_DIR, REPO_ROOT, TEST_THREADS, WEIGHTS_DIR, shared_weig
 from ood_bench.metrics import ood_metrics
 
 REQUIRED_COLUMNS = [
-    "method", "data", "config_hash", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "seconds",
-    "nfe_per_image", "images_per_s", "device", "git_commit", "method.distance_used",
+    "method",
+    "data",
+    "config_hash",
+    "n_id",
+    "n_ood",
+    "auroc",
+    "fpr95",
+    "aupr_in",
+    "aupr_out",
+    "seconds",
+    "nfe_per_image",
+    "images_per_s",
+    "device",
+    "git_commit",
+    "method.distance_used",
 ]
 
 
@@ -27,8 +40,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("OOD_BENCH_CACHE", None)
     env.update(
-        OOD_BENCH_DATA=str(DATA_DIR), OOD_BENCH_WEIGHTS=str(WEIGHTS_DIR), OMP_NUM_THREADS=str(TEST_THREADS),
-        HF_HUB_OFFLINE="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
+        OOD_BENCH_DATA=str(DATA_DIR),
+        OOD_BENCH_WEIGHTS=str(WEIGHTS_DIR),
+        OMP_NUM_THREADS=str(TEST_THREADS),
+        HF_HUB_OFFLINE="1",
+        WANDB_SILENT="true",
+        PYTHONUNBUFFERED="1",
     )
     env.update(extra)
     return env
@@ -37,8 +54,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run_cli(args: list[str], env: dict[str, str] | None = None, check: bool = True) -> tuple[int, str]:
     """``python run.py ARGS`` from the repository root; returns (exit code, stdout + stderr)."""
     proc = subprocess.run(
-        [sys.executable, "run.py", *args], cwd=REPO_ROOT, env=env or subprocess_env(), capture_output=True,
-        text=True, timeout=400,
+        [sys.executable, "run.py", *args],
+        cwd=REPO_ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     out = proc.stdout + proc.stderr
     if check:
@@ -68,7 +89,9 @@ def work(tmp_path_factory) -> Path:
 
 def base_args(work: Path, results: str = "results") -> list[str]:
     return [
-        "debug=default", f"paths.results_dir={work / results}", f"paths.cache_dir={work / 'cache'}",
+        "debug=default",
+        f"paths.results_dir={work / results}",
+        f"paths.cache_dir={work / 'cache'}",
         f"paths.log_dir={work / 'logs'}",
     ]
 
@@ -259,8 +282,13 @@ def test_wandb_offline_run_holds_the_record(mse_run, work):
     wb_dir, wb_env = work / "wandb_logger", work / "wandb_env"
     env = subprocess_env(WANDB_DIR=str(wb_env), WANDB_MODE="offline")
     _, out = run_cli(
-        [*base_args(work, results="results_wandb"), "method.distance=mse", "logger=wandb", "logger.mode=offline",
-         f"logger.dir={wb_dir}"],
+        [
+            *base_args(work, results="results_wandb"),
+            "method.distance=mse",
+            "logger=wandb",
+            "logger.mode=offline",
+            f"logger.dir={wb_dir}",
+        ],
         env=env,
     )
     dirs = run_dirs(work / "results_wandb")

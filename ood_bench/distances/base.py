@@ -22,6 +22,10 @@ class Distance:
     def describe(self) -> str:
         return self.name
 
+    def describe_for(self, size: int) -> str:
+        """What runs on ``size``-px images (a distance may resize them)."""
+        return self.describe()
+
 
 class MSE(Distance):
     name = "mse"
@@ -42,8 +46,7 @@ class SSIMDistance(Distance):
         ys = y.detach().cpu().numpy().transpose(0, 2, 3, 1)
         win = min(7, xs.shape[1] - (1 - xs.shape[1] % 2))
         vals = [
-            1.0 - structural_similarity(a, b, data_range=1.0, channel_axis=-1, win_size=win)
-            for a, b in zip(xs, ys)
+            1.0 - structural_similarity(a, b, data_range=1.0, channel_axis=-1, win_size=win) for a, b in zip(xs, ys)
         ]
         return torch.as_tensor(np.asarray(vals), dtype=torch.float32, device=x.device)
 
@@ -64,4 +67,3 @@ def build_distance(
 
         return LPIPSDistance(net=lpips_net, weights=lpips_weights, weights_dir=weights_dir)
     raise ValueError(f"distance={name!r} is not valid; valid: {list(DISTANCES)}")
-

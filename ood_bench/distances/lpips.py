@@ -101,4 +101,9 @@ class LPIPSDistance(Distance):
         return self.model(x, y, normalize=True).flatten()
 
     def describe(self) -> str:
-        return f"lpips-{self.net_name}({self.weights_source}; inputs under {self.min_size}px upsampled)"
+        return f"lpips-{self.net_name}({self.weights_source})"
+
+    def describe_for(self, size: int) -> str:
+        """``describe()`` plus the upsampling applied to ``size``-px inputs, if any."""
+        up = f", inputs upsampled {size}->{self.min_size}px" if size < self.min_size else ""
+        return f"lpips-{self.net_name}({self.weights_source}{up})"

@@ -35,8 +35,15 @@ def log_to_wandb(
         Path(dir).mkdir(parents=True, exist_ok=True)
     name = f"{record.get('method')}-{record.get('data')}-{record.get('config_hash')}"
     run = wandb.init(
-        project=project, entity=entity, group=group, tags=list(tags or []), dir=str(dir) if dir else None,
-        mode=mode, name=name, config=dict(config), reinit="finish_previous",
+        project=project,
+        entity=entity,
+        group=group,
+        tags=list(tags or []),
+        dir=str(dir) if dir else None,
+        mode=mode,
+        name=name,
+        config=dict(config),
+        reinit="finish_previous",
     )
     try:
         metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}

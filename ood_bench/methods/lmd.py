@@ -58,8 +58,12 @@ class LMD(Method):
         _choice("distance", distance, DISTANCES)
         _choice("aggregate", aggregate, AGGREGATES)
         _choice("lpips_net", lpips_net, tuple(LPIPS_NETS))
-        for key, val, low in (("num_blocks", num_blocks, 2), ("reps", reps, 1), ("steps", steps, 1),
-                              ("batch_size", batch_size, 1)):
+        for key, val, low in (
+            ("num_blocks", num_blocks, 2),
+            ("reps", reps, 1),
+            ("steps", steps, 1),
+            ("batch_size", batch_size, 1),
+        ):
             if not isinstance(val, int) or val < low:
                 need = "a positive integer" if low == 1 else f"an integer >= {low}"
                 raise ValueError(f"method.{key}={val!r} is not valid; use {need}")
@@ -71,6 +75,7 @@ class LMD(Method):
         self.weights_dir, self.aggregate, self.batch_size = weights_dir, aggregate, batch_size
         self.model: DiffusionModel | None = None
         self.distance: Distance | None = None
+        self.image_size: int | None = None
 
     def check(self, image_size: int, channels: int, model_cfg: dict[str, Any] | None) -> None:
         for rep in range(min(2, self.reps)):
@@ -83,11 +88,14 @@ class LMD(Method):
     def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
         # The distance first: a missing LPIPS backbone fails before any training.
         self.distance = build_distance(
-            self.distance_name, lpips_net=self.lpips_net, lpips_weights=self.lpips_weights,
+            self.distance_name,
+            lpips_net=self.lpips_net,
+            lpips_weights=self.lpips_weights,
             weights_dir=self.weights_dir or ctx.weights_dir,
         ).to(ctx.device)
         if ctx.model_cfg is None:
             raise ValueError("LMD needs an image diffusion model: the `model` config group is missing")
+        self.image_size = int(id_train.shape[-1])
         self.model = get_diffusion_model(ctx.model_cfg, id_train, ctx.cache, ctx.device, progress=ctx.progress)
 
     @torch.no_grad()
@@ -105,8 +113,14 @@ class LMD(Method):
             idx = indices[start : start + self.batch_size]
             for r in range(self.reps):
                 # Each (batch, repeat) is cached on disk, so an interrupted run resumes where it stopped.
-                spec = {**self._identity(), "model": self.model.source, "seed": ctx.seed, "rep": r,
-                        "images": tensor_fingerprint(x), "indices": idx.tolist()}
+                spec = {
+                    **self._identity(),
+                    "model": self.model.source,
+                    "seed": ctx.seed,
+                    "rep": r,
+                    "images": tensor_fingerprint(x),
+                    "indices": idx.tolist(),
+                }
                 dists[start : start + len(x), r] = ctx.cache.array(
                     "lmd_distances", spec, lambda x=x, idx=idx, r=r: self._distances(x, idx, masks[r], r, ctx.seed)
                 )
@@ -123,14 +137,23 @@ class LMD(Method):
 
     def _identity(self) -> dict[str, Any]:
         return {
-            "mask": self.mask, "num_blocks": self.num_blocks, "sampler": self.sampler, "steps": self.steps,
-            "eta": self.eta, "distance": self.distance.describe() if self.distance else self.distance_name,
+            "mask": self.mask,
+            "num_blocks": self.num_blocks,
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "eta": self.eta,
+            "distance": self.distance.describe() if self.distance else self.distance_name,
         }
 
     def describe(self) -> dict[str, Any]:
         return {
-            "mask": self.mask, "num_blocks": self.num_blocks, "reps": self.reps, "sampler": self.sampler,
-            "steps": self.steps, "eta": self.eta, "aggregate": self.aggregate,
-            "distance_used": self.distance.describe() if self.distance else self.distance_name,
+            "mask": self.mask,
+            "num_blocks": self.num_blocks,
+            "reps": self.reps,
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "eta": self.eta,
+            "aggregate": self.aggregate,
+            "distance_used": self.distance.describe_for(self.image_size or 0) if self.distance else self.distance_name,
             "model_source": self.model.source if self.model else "",
         }

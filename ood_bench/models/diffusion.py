@@ -140,8 +140,11 @@ def _train_unet(
         w.writerows(losses)
     info = {"seconds": round(time.perf_counter() - t0, 2), "params": n_params, "n_images": n, "device": str(device)}
     (out_dir / "train_info.json").write_text(json.dumps(info, indent=2))
-    log.info("trained in %.1f s, final loss (last 100 steps) %.4f", info["seconds"],
-             sum(v for _, v in losses[-100:]) / max(1, len(losses[-100:])))
+    log.info(
+        "trained in %.1f s, final loss (last 100 steps) %.4f",
+        info["seconds"],
+        sum(v for _, v in losses[-100:]) / max(1, len(losses[-100:])),
+    )
 
 
 def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> DiffusionModel:

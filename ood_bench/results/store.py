@@ -28,8 +28,24 @@ log = logging.getLogger(__name__)
 
 # Columns every summary row starts with (more method-specific columns follow).
 RESULT_COLUMNS = [
-    "method", "data", "config_hash", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_oodpos",
-    "seconds", "fit_seconds", "score_seconds", "nfe_per_image", "images_per_s", "device", "git_commit", "timestamp",
+    "method",
+    "data",
+    "config_hash",
+    "n_id",
+    "n_ood",
+    "auroc",
+    "fpr95",
+    "aupr_in",
+    "aupr_out",
+    "fpr95_oodpos",
+    "seconds",
+    "fit_seconds",
+    "score_seconds",
+    "nfe_per_image",
+    "images_per_s",
+    "device",
+    "git_commit",
+    "timestamp",
 ]
 
 
@@ -61,9 +77,7 @@ class RunStore:
         with open(self.dir / "summary.csv", newline="") as f:
             return next(csv.DictReader(f))
 
-    def write(
-        self, record: Mapping[str, Any], per_sample: dict[str, np.ndarray], config_yaml: str
-    ) -> Path:
+    def write(self, record: Mapping[str, Any], per_sample: dict[str, np.ndarray], config_yaml: str) -> Path:
         """Write scores, summary and config into a temporary folder, mark it DONE, rename it into place."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.", dir=self.dir.parent))
