@@ -13,7 +13,7 @@ import csv
 import logging
 from pathlib import Path
 
-from ood_bench.results import format_table
+from ood_bench.results import TABLE_COLUMNS, format_table
 
 log = logging.getLogger("make_tables")
 
@@ -27,15 +27,25 @@ def load_runs(results: Path, method: str | None) -> list[dict[str, str]]:
     return [r for r in rows if method is None or r["method"] == method]
 
 
-def paper_auroc(paper: Path) -> dict[tuple[str, str], str]:
-    """``(method, pair) -> 'value (source)'`` for the AUROC rows of the paper table."""
-    out: dict[tuple[str, str], str] = {}
+def paper_auroc(paper: Path) -> dict[tuple[str, str, str], str]:
+    """``(method, pair, setting) -> 'value (table, setting)'`` for the AUROC rows of the paper table."""
+    out: dict[tuple[str, str, str], str] = {}
     with open(paper, newline="") as f:
         for r in csv.DictReader(f):
             if r["metric"] == "auroc" and r["ood_dataset"]:
-                key = (r["method"].lower(), f"{r['id_dataset']}_{r['ood_dataset']}")
+                key = (r["method"].lower(), f"{r['id_dataset']}_{r['ood_dataset']}", r["setting"])
                 out.setdefault(key, f"{float(r['value']) / 100:.3f} ({r['table']}, {r['setting']})")
     return out
+
+
+def match(ref: dict[tuple[str, str, str], str], run: dict[str, str]) -> str:
+    """The paper number for a run: same method, pair and (when the run has one) score variant."""
+    method, pair, setting = run["method"].lower(), run["data"], run.get("method.score", "")
+    if (method, pair, setting) in ref:
+        return ref[(method, pair, setting)]
+    if setting:
+        return ""
+    return next((v for (m, p, _), v in ref.items() if (m, p) == (method, pair)), "")
 
 
 def main() -> None:
@@ -46,23 +56,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = load_runs(args.results, args.method)
-    columns = [
-        "method",
-        "data",
-        "n_id",
-        "n_ood",
-        "auroc",
-        "fpr95",
-        "aupr_in",
-        "aupr_out",
-        "nfe_per_image",
-        "images_per_s",
-        "seconds",
-    ]
+    columns = [*TABLE_COLUMNS[:-1], "nfe_per_image", "images_per_s", "seconds"]
     if args.paper:
         ref = paper_auroc(args.paper)
         for r in runs:
-            r["paper_auroc"] = ref.get((r["method"].lower(), r["data"]), "")
+            r["paper_auroc"] = match(ref, r)
         columns.append("paper_auroc")
     log.info(format_table(runs, columns))
 

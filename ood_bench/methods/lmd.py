@@ -136,6 +136,7 @@ class LMD(Method):
         return self.distance(x, (recon + 1) / 2).double().cpu().numpy()
 
     def _identity(self) -> dict[str, Any]:
+        """The settings that determine one repeat's distances (the per-batch cache key)."""
         return {
             "mask": self.mask,
             "num_blocks": self.num_blocks,
@@ -146,14 +147,11 @@ class LMD(Method):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "mask": self.mask,
-            "num_blocks": self.num_blocks,
-            "reps": self.reps,
-            "sampler": self.sampler,
-            "steps": self.steps,
-            "eta": self.eta,
-            "aggregate": self.aggregate,
-            "distance_used": self.distance.describe_for(self.image_size or 0) if self.distance else self.distance_name,
-            "model_source": self.model.source if self.model else "",
-        }
+        record = {k: v for k, v in self._identity().items() if k != "distance"}
+        record.update(
+            reps=self.reps,
+            aggregate=self.aggregate,
+            distance_used=self.distance.describe_for(self.image_size or 0) if self.distance else self.distance_name,
+            model_source=self.model.source if self.model else "",
+        )
+        return record

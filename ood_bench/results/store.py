@@ -49,6 +49,10 @@ RESULT_COLUMNS = [
 ]
 
 
+# Columns of the printed metrics table.
+TABLE_COLUMNS = ["method", "data", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "seconds"]
+
+
 def _csv_text(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -118,7 +122,7 @@ class RunStore:
 
 def format_table(records: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
     """Plain-text metrics table with the metric convention printed under it."""
-    columns = columns or ["method", "data", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "seconds"]
+    columns = columns or TABLE_COLUMNS
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
