@@ -1,0 +1,25 @@
+"""Data: sources (where images come from), the resize protocol and pair building."""
+
+from ood_bench.data.pair import Pair, Split, build_pair
+from ood_bench.data.sources import (
+    DatasetNotFoundError,
+    DigitsSource,
+    IdxSource,
+    ImageFolderSource,
+    NpzSource,
+    Source,
+    TorchvisionSource,
+)
+
+__all__ = [
+    "DatasetNotFoundError",
+    "DigitsSource",
+    "IdxSource",
+    "ImageFolderSource",
+    "NpzSource",
+    "Pair",
+    "Source",
+    "Split",
+    "TorchvisionSource",
+    "build_pair",
+]
