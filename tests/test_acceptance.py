@@ -1,0 +1,52 @@
+"""The issues' acceptance runs at full CPU size (slow: minutes each; `make test-full` runs them).
+
+Each runs ``run.py`` exactly as a user would, with empty cache and results folders, and checks the AUROC floor.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+from conftest import shared_path, shared_weight
+from test_run import run_cli, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path: Path, args: list[str]) -> dict[str, str]:
+    env = subprocess_env(OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    paths = [
+        f"paths.results_dir={tmp_path / 'results'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "progress=false",
+    ]
+    run_cli([*args, *paths], env=env)
+    with open(tmp_path / "results" / "runs.csv", newline="") as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def test_embedded_default_reaches_auroc_080(tmp_path: Path) -> None:
+    row = _run(tmp_path, [])
+    assert (row["method"], row["data"], row["method.distance_used"]) == ("lmd", "digits", "mse")
+    assert float(row["auroc"]) >= 0.80
+
+
+def test_lmd_fashionmnist_vs_mnist_reaches_auroc_095(tmp_path: Path) -> None:
+    shared_path("FashionMNIST", "raw")
+    shared_weight("alexnet_features_imagenet.pth")
+    row = _run(tmp_path, ["method=lmd", "data=fashionmnist_mnist"])
+    assert row["method.distance_used"].startswith("lpips-alex")
+    assert float(row["auroc"]) >= 0.95
+
+
+@pytest.mark.parametrize("score", ["mfsim", "mse"])
+def test_dlsr_fashionmnist_vs_mnist_reaches_auroc_097(tmp_path: Path, score: str) -> None:
+    shared_path("FashionMNIST", "raw")
+    shared_weight("alexnet_features_imagenet.pth")
+    row = _run(tmp_path, ["method=dlsr", "data=fashionmnist_mnist", f"method.score={score}"])
+    assert row["method.encoder"] == "alexnet" and "alexnet_features_imagenet.pth" in row["method.encoder_weights"]
+    assert float(row["auroc"]) >= 0.97
