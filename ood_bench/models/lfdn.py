@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -155,24 +156,6 @@ class TrainConfig:
             raise ValueError(f"early_epoch={self.early_epoch} is not valid; use 1 <= early_epoch <= epochs")
 
 
-class Ema:
-    """Exponential moving average of parameters with LDM's warm-up: decay_n = min(decay, (1+n)/(10+n))."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay, self.n = decay, 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.n += 1
-        d = min(self.decay, (1 + self.n) / (10 + self.n))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-
 @dataclass
 class TrainResult:
     """Weights of the final and the early checkpoint, and the loss curve."""
@@ -199,7 +182,8 @@ def train_lfdn(
     sched = diffusion.ddpm()
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    ema = Ema(model, train.ema_decay) if train.ema_decay > 0 else None
+    # diffusers' EMAModel without its power warm-up uses LDM's schedule: decay_n = min(decay, (1+n)/(10+n)).
+    ema = EMAModel(model.parameters(), decay=train.ema_decay) if train.ema_decay > 0 else None
     data = features.float()
     n, bs = len(data), min(train.batch_size, len(data))
     steps_per_epoch = max(1, n // bs)  # drop_last, as the official loader
@@ -220,7 +204,7 @@ def train_lfdn(
             loss.backward()
             opt.step()
             if ema is not None:
-                ema.update(model)
+                ema.step(model.parameters())
             step += 1
             value = loss.item()
             losses.append((step, epoch, value))
@@ -235,9 +219,15 @@ def train_lfdn(
     return TrainResult(final=_snapshot(model, ema), early=early, losses=losses, seconds=time.perf_counter() - t0)
 
 
-def _snapshot(model: nn.Module, ema: Ema | None) -> dict[str, torch.Tensor]:
-    src = ema.shadow if ema is not None else model.state_dict()
-    return {k: v.detach().cpu().clone() for k, v in src.items()}
+def _snapshot(model: nn.Module, ema: EMAModel | None) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights (the EMA's, when there is one; the model keeps its own weights)."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if ema is not None:
+        ema.restore(model.parameters())
+    return state
 
 
 def write_loss_csv(path: str | Path, losses: list[tuple[int, int, float]]) -> None:
