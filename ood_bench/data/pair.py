@@ -117,6 +117,14 @@ def build_pair(
     }
     log.info(
         "pair %s: %d ID train, %d ID test, %d OOD test at %dx%d (%d ch, via %d, protocol %s)",
-        name, meta["n_train"], meta["n_id"], meta["n_ood"], image_size, image_size, channels, via, resize_protocol,
+        name,
+        meta["n_train"],
+        meta["n_id"],
+        meta["n_ood"],
+        image_size,
+        image_size,
+        channels,
+        via,
+        resize_protocol,
     )
     return Pair(name, splits["id_train"], splits["id_test"], splits["ood_test"], meta)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import pickle
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,8 +166,9 @@ class IdxSource(ArraySource):
 
 class ImageFolderSource(Source):
     """Images in class sub-folders: ``<root>/<folder>/<split>/<class>/*`` or, without split folders,
-    ``<root>/<folder>/<class>/*`` (a folder holding images directly is one class, label 0) (then a seeded split makes train/test; ``test_fraction=1`` makes it
-    test-only, the usual case for an OOD set). Classes are sorted alphabetically, as in torchvision.
+    ``<root>/<folder>/<class>/*`` (then a seeded split makes train/test; ``test_fraction=1`` makes it test-only,
+    the usual case for an OOD set). A folder holding images directly is one class (label 0). Classes are sorted
+    alphabetically, as in torchvision.
     """
 
     def __init__(
@@ -289,9 +289,7 @@ class TorchvisionSource(ArraySource):
         if dataset not in self.SPLIT_ARGS:
             raise ValueError(f"dataset={dataset!r} is not supported; valid: {sorted(self.SPLIT_ARGS)}")
         self.name, self.dataset, self.root, self.download = name, dataset, Path(root), download
-        self.fallback = (
-            ImageFolderSource(name, fallback_folder, root, test_fraction=1.0) if fallback_folder else None
-        )
+        self.fallback = ImageFolderSource(name, fallback_folder, root, test_fraction=1.0) if fallback_folder else None
         self._use_fallback: bool | None = None
 
     def _fallback_ready(self) -> bool:

@@ -75,6 +75,19 @@ class Method(ABC):
         return {}
 
 
+def check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` naming ``method.<key>`` and the valid values when ``value`` is not one of them."""
+    if value not in valid:
+        raise ValueError(f"method.{key}={value!r} is not valid; valid: {list(valid)}")
+
+
+def check_int(key: str, value: Any, low: int = 1) -> None:
+    """Raise ``ValueError`` naming ``method.<key>`` unless ``value`` is an integer >= ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        need = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"method.{key}={value!r} is not valid; use {need}")
+
+
 METHODS: dict[str, type[Method]] = {}
 
 

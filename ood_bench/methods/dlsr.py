@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ood_bench.methods.base import Context, Method, Scores, register
+from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.encoders import FeatureEncoder, check_encoder_name
 from ood_bench.models.lfdn import (
     LFDN,
@@ -43,16 +43,6 @@ SCORES = ("mfsim", "mse", "lr")
 MSE_REDUCTIONS = ("sum", "mean")
 FEATURES_VERSION = 1  # bump when the extraction code changes its numbers
 LFDN_VERSION = 1
-
-
-def _positive_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"method.{key}={value!r} is not valid; use a positive integer")
-
-
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"method.{key}={value!r} is not valid; valid: {list(valid)}")
 
 
 def mfsim(rec: torch.Tensor, orig: torch.Tensor, sizes: list[int], skip_first: bool = False) -> torch.Tensor:
@@ -108,8 +98,8 @@ class DLSR(Method):
         weights_dir: str | None = None,
     ) -> None:
         check_encoder_name(encoder)
-        _choice("score", score, SCORES)
-        _choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
+        check_choice("score", score, SCORES)
+        check_choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
         for key, val in (
             ("input_size", input_size),
             ("width", width),
@@ -119,7 +109,7 @@ class DLSR(Method):
             ("batch_size", batch_size),
             ("early_epoch", early_epoch),
         ):
-            _positive_int(key, val)
+            check_int(key, val)
         if not isinstance(t, int) or not 0 <= t < timesteps:
             raise ValueError(f"method.t={t!r} is not valid; use an integer in [0, timesteps-1] = [0, {timesteps - 1}]")
         if eta < 0:

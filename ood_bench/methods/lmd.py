@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ood_bench.distances import DISTANCES, Distance, build_distance
 from ood_bench.distances.lpips import NETS as LPIPS_NETS
-from ood_bench.methods.base import Context, Method, Scores, register
+from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.diffusion import DiffusionModel, get_diffusion_model
 from ood_bench.samplers import MASK_TYPES, SAMPLERS, inpaint, lmd_mask
 from ood_bench.utils import sample_generators, tensor_fingerprint
@@ -25,11 +25,6 @@ from ood_bench.utils import sample_generators, tensor_fingerprint
 log = logging.getLogger(__name__)
 
 AGGREGATES = ("median", "mean")
-
-
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"method.{key}={value!r} is not valid; valid: {list(valid)}")
 
 
 @register("lmd")
@@ -53,20 +48,18 @@ class LMD(Method):
         aggregate: str = "median",
         batch_size: int = 100,
     ) -> None:
-        _choice("mask", mask, MASK_TYPES)
-        _choice("sampler", sampler, SAMPLERS)
-        _choice("distance", distance, DISTANCES)
-        _choice("aggregate", aggregate, AGGREGATES)
-        _choice("lpips_net", lpips_net, tuple(LPIPS_NETS))
+        check_choice("mask", mask, MASK_TYPES)
+        check_choice("sampler", sampler, SAMPLERS)
+        check_choice("distance", distance, DISTANCES)
+        check_choice("aggregate", aggregate, AGGREGATES)
+        check_choice("lpips_net", lpips_net, tuple(LPIPS_NETS))
         for key, val, low in (
             ("num_blocks", num_blocks, 2),
             ("reps", reps, 1),
             ("steps", steps, 1),
             ("batch_size", batch_size, 1),
         ):
-            if not isinstance(val, int) or val < low:
-                need = "a positive integer" if low == 1 else f"an integer >= {low}"
-                raise ValueError(f"method.{key}={val!r} is not valid; use {need}")
+            check_int(key, val, low)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"method.eta={eta} is not valid; valid: 0 <= eta <= 1")
         self.mask, self.num_blocks, self.reps = mask, num_blocks, reps
