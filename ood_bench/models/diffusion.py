@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
-from ood_bench.utils import tensor_fingerprint
+from ood_bench.utils import atomic_path, tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +77,33 @@ def _train_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t
 
 
 def train_unet(
-    images: torch.Tensor, model_cfg: dict[str, Any], device: torch.device, out_dir: Path, progress: bool = True
+    images: torch.Tensor,
+    model_cfg: dict[str, Any],
+    device: torch.device,
+    out_dir: Path,
+    progress: bool = True,
+    resume_dir: Path | None = None,
 ) -> None:
     """Train a UNet on ``images`` (float ``[0,1]``) and save the EMA weights and the schedule to ``out_dir``.
 
     Initialisation, dropout and every draw are seeded by ``model.train.seed`` (the global RNG state is
     restored afterwards), so the same cache key always yields the same weights on the same device.
+    With ``resume_dir``, the full training state is saved there every ``model.checkpoint_every`` steps and an
+    interrupted training continues from it; the resumed run gives the same weights as an uninterrupted one.
     """
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(model_cfg["train"]["seed"]))
-        _train_unet(images, model_cfg, device, out_dir, progress)
+        _train_unet(images, model_cfg, device, out_dir, progress, resume_dir)
 
 
 def _train_unet(
-    images: torch.Tensor, model_cfg: dict[str, Any], device: torch.device, out_dir: Path, progress: bool
+    images: torch.Tensor,
+    model_cfg: dict[str, Any],
+    device: torch.device,
+    out_dir: Path,
+    progress: bool,
+    resume_dir: Path | None,
 ) -> None:
     tcfg = model_cfg["train"]
     sched = DDPMScheduler(**model_cfg["scheduler"])
@@ -107,9 +120,23 @@ def _train_unet(
         "training UNet (%.2f M params) on %d images: %d steps of batch %d on %s", n_params / 1e6, n, steps, bs, device
     )
     losses: list[tuple[int, float]] = []
+    start, every = 0, int(model_cfg.get("checkpoint_every") or 0)
+    state_file = resume_dir / "state.pt" if resume_dir is not None else None
+    if state_file is not None and state_file.is_file():
+        state = torch.load(state_file, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        lr_sched.load_state_dict(state["lr_sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start, losses = int(state["step"]), [tuple(x) for x in state["losses"]]
+        log.info("resuming diffusion training at step %d of %d from %s", start, steps, state_file)
     unet.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc="train diffusion", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train diffusion", disable=not progress)
     for step in bar:
         idx = torch.randint(0, n, (bs,), generator=gen)
         x0 = data[idx]
@@ -131,6 +158,21 @@ def _train_unet(
         losses.append((step, loss.item()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(v for _, v in losses[-50:]) / len(losses[-50:]):.4f}")
+        if state_file is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            state = {
+                "step": step + 1,
+                "losses": losses,
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "lr_sched": lr_sched.state_dict(),
+                "gen": gen.get_state(),
+                "rng": torch.get_rng_state(),
+            }
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            with atomic_path(state_file) as tmp:
+                torch.save(state, tmp)
     ema.copy_to(unet.parameters())
     unet.save_pretrained(out_dir / "unet")
     sched.save_pretrained(out_dir / "scheduler")
@@ -213,9 +255,15 @@ def get_diffusion_model(
     if model_cfg.get("pretrained"):
         return load_pretrained(model_cfg, device)
     spec = cache_spec(model_cfg, images)
+    # Training checkpoints live beside the cache entry until the entry is complete.
+    resume_dir = cache.entry(CACHE_KIND, f".partial-{cache.key(CACHE_KIND, spec)}")
     entry, created = cache.get_or_create(
-        CACHE_KIND, spec, lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress)
+        CACHE_KIND,
+        spec,
+        lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress, resume_dir=resume_dir),
     )
+    if resume_dir.exists():
+        shutil.rmtree(resume_dir)
     if not created:
         log.info("using cached diffusion model %s (no training)", entry)
     unet = UNet2DModel.from_pretrained(entry / "unet").to(device).eval()
