@@ -16,7 +16,8 @@ from test_run import run_cli, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path: Path, args: list[str]) -> dict[str, str]:
+def _run(tmp_path: Path, args: list[str], minutes: float) -> dict[str, str]:
+    """Run ``run.py ARGS`` with fresh folders; fails if it takes longer than the issue's time limit."""
     env = subprocess_env(OMP_NUM_THREADS=str(os.cpu_count() or 1))
     paths = [
         f"paths.results_dir={tmp_path / 'results'}",
@@ -24,13 +25,13 @@ def _run(tmp_path: Path, args: list[str]) -> dict[str, str]:
         f"paths.log_dir={tmp_path / 'logs'}",
         "progress=false",
     ]
-    run_cli([*args, *paths], env=env)
+    run_cli([*args, *paths], env=env, timeout=60 * minutes)
     with open(tmp_path / "results" / "runs.csv", newline="") as f:
         return list(csv.DictReader(f))[-1]
 
 
 def test_embedded_default_reaches_auroc_080(tmp_path: Path) -> None:
-    row = _run(tmp_path, [])
+    row = _run(tmp_path, [], minutes=10)
     assert (row["method"], row["data"], row["method.distance_used"]) == ("lmd", "digits", "mse")
     assert float(row["auroc"]) >= 0.80
 
@@ -38,7 +39,7 @@ def test_embedded_default_reaches_auroc_080(tmp_path: Path) -> None:
 def test_lmd_fashionmnist_vs_mnist_reaches_auroc_095(tmp_path: Path) -> None:
     shared_path("FashionMNIST", "raw")
     shared_weight("alexnet_features_imagenet.pth")
-    row = _run(tmp_path, ["method=lmd", "data=fashionmnist_mnist"])
+    row = _run(tmp_path, ["method=lmd", "data=fashionmnist_mnist"], minutes=25)
     assert row["method.distance_used"].startswith("lpips-alex")
     assert float(row["auroc"]) >= 0.95
 
@@ -47,6 +48,6 @@ def test_lmd_fashionmnist_vs_mnist_reaches_auroc_095(tmp_path: Path) -> None:
 def test_dlsr_fashionmnist_vs_mnist_reaches_auroc_097(tmp_path: Path, score: str) -> None:
     shared_path("FashionMNIST", "raw")
     shared_weight("alexnet_features_imagenet.pth")
-    row = _run(tmp_path, ["method=dlsr", "data=fashionmnist_mnist", f"method.score={score}"])
+    row = _run(tmp_path, ["method=dlsr", "data=fashionmnist_mnist", f"method.score={score}"], minutes=10)
     assert row["method.encoder"] == "alexnet" and "alexnet_features_imagenet.pth" in row["method.encoder_weights"]
     assert float(row["auroc"]) >= 0.97

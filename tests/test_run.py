@@ -51,7 +51,9 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, check: bool = True) -> tuple[int, str]:
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, check: bool = True, timeout: float = 400
+) -> tuple[int, str]:
     """``python run.py ARGS`` from the repository root; returns (exit code, stdout + stderr)."""
     proc = subprocess.run(
         [sys.executable, "run.py", *args],
@@ -59,7 +61,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, check: bool = Tr
         env=env or subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=timeout,
     )
     out = proc.stdout + proc.stderr
     if check:
