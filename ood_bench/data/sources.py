@@ -14,6 +14,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -291,6 +292,7 @@ class TorchvisionSource(ArraySource):
         self.name, self.dataset, self.root, self.download = name, dataset, Path(root), download
         self.fallback = ImageFolderSource(name, fallback_folder, root, test_fraction=1.0) if fallback_folder else None
         self._use_fallback: bool | None = None
+        self._tv_sets: dict[str, Any] = {}
 
     def _fallback_ready(self) -> bool:
         if self._use_fallback is None:
@@ -304,10 +306,13 @@ class TorchvisionSource(ArraySource):
         return self._use_fallback
 
     def _tv(self, split: str, download: bool):
-        import torchvision
+        """The torchvision dataset of ``split``, opened once (the fallback probe's instance is reused)."""
+        if split not in self._tv_sets:
+            import torchvision
 
-        cls = getattr(torchvision.datasets, self.dataset)
-        return cls(str(self.root), download=download, **self.SPLIT_ARGS[self.dataset](split))
+            cls = getattr(torchvision.datasets, self.dataset)
+            self._tv_sets[split] = cls(str(self.root), download=download, **self.SPLIT_ARGS[self.dataset](split))
+        return self._tv_sets[split]
 
     def _load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         try:
