@@ -112,11 +112,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         progress=cfg.progress,
     )
     t0 = time.perf_counter()
-    method.fit(pair.id_train.images, ctx)
+    method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    s_id = method.score(pair.id_test.images, ctx, indices=pair.id_test.indices)
-    s_ood = method.score(pair.ood_test.images, ctx, indices=pair.ood_test.indices)
+    s_id = method.score(pair.id_test.images, ctx, indices=pair.id_test.indices, labels=pair.id_test.labels, split="id")
+    s_ood = method.score(
+        pair.ood_test.images, ctx, indices=pair.ood_test.indices, labels=pair.ood_test.labels, split="ood"
+    )
     t_score = time.perf_counter() - t0
     metrics = ood_metrics(s_id.values, s_ood.values)
     n_id, n_ood = len(s_id.values), len(s_ood.values)

@@ -1,8 +1,13 @@
 """The method contract and the registry that maps names to method classes.
 
-A method never opens result files or talks to W&B. It receives images (float ``[N,C,H,W]`` in ``[0,1]``)
-and a ``Context`` (device, cache, seeds, model settings) and returns ``Scores`` where a higher value
-means "more OOD". A method whose natural score is a similarity negates it inside ``score``.
+A method never opens result files or talks to W&B. It receives images (float ``[N,C,H,W]`` in ``[0,1]``),
+optionally their integer labels, and a ``Context`` (device, cache, seeds, model settings) and returns ``Scores``
+where a higher value means "more OOD" (or, for anomaly detection, "more anomalous"). A method whose natural
+score is a similarity negates it inside ``score``.
+
+Labels mean what the task says: class labels of an OOD pair's ID training split (a classifier-based method
+trains on them; others ignore them), or the category index of each image in anomaly detection (one model may
+serve several categories; ``ctx.data_meta["categories"]`` names them).
 """
 
 from __future__ import annotations
@@ -42,18 +47,28 @@ class Scores:
     values: np.ndarray
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     nfe_per_image: float = 0.0
+    #: optional per-pixel maps ``[N, H, W]`` (higher = more anomalous), at the resolution of the input images
+    maps: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64).ravel()
         for k, v in self.extras.items():
             if len(v) != len(self.values):
                 raise ValueError(f"extra {k!r} has {len(v)} rows for {len(self.values)} scores")
+        if self.maps is not None:
+            self.maps = np.asarray(self.maps)
+            if self.maps.ndim != 3 or len(self.maps) != len(self.values):
+                raise ValueError(
+                    f"maps must have shape [N, H, W] with N = {len(self.values)} scores, got {self.maps.shape}"
+                )
 
 
 class Method(ABC):
     """Fit on ID training images, then score any images."""
 
     name: ClassVar[str]
+    #: the task families the method serves: "ood" (ID/OOD pairs) and/or "anomaly" (few-shot anomaly detection)
+    tasks: ClassVar[tuple[str, ...]] = ("ood",)
     #: whether the method uses the image diffusion model of the ``model`` config group
     uses_image_model: ClassVar[bool] = False
     #: constructor arguments that do not change the numbers (left out of the config hash)
@@ -63,12 +78,25 @@ class Method(ABC):
         """Fail fast on settings that do not fit the data or model (called before any data is read)."""
 
     @abstractmethod
-    def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
-        """Train or load (through the cache) everything the method needs."""
+    def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
+        """Train or load (through the cache) everything the method needs; ``labels`` are the images' labels."""
 
     @abstractmethod
-    def score(self, images: torch.Tensor, ctx: Context, indices: np.ndarray | None = None) -> Scores:
-        """Score ``images``; ``indices`` (stable sample ids) seed the per-sample randomness."""
+    def score(
+        self,
+        images: torch.Tensor,
+        ctx: Context,
+        indices: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        split: str | None = None,
+    ) -> Scores:
+        """Score ``images``; ``indices`` (stable sample ids) seed the per-sample randomness.
+
+        ``labels`` are the images' labels when the data has them and ``split`` names the split being scored
+        ("id" / "ood" for an OOD pair, "test" for anomaly detection). A detector must not use either to
+        score (that would be cheating); they exist for bookkeeping (a classifier's ID accuracy, per-category
+        prompts in anomaly detection) and for explicitly named oracle modes.
+        """
 
     def describe(self) -> dict[str, Any]:
         """Flat settings that identify what really ran (written into the results row)."""

@@ -193,7 +193,7 @@ class DLSR(Method):
             torch.manual_seed(self.train_cfg.seed)
             return LFDN(self.encoder.dim, **self.lfdn_kwargs)
 
-    def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
+    def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
         feats = self.features(id_train, ctx)
         spec = {
             "version": LFDN_VERSION,
@@ -237,7 +237,14 @@ class DLSR(Method):
         return model.to(ctx.device).eval()
 
     # ---------------------------------------------------------------------------------------------------- score
-    def score(self, images: torch.Tensor, ctx: Context, indices: np.ndarray | None = None) -> Scores:
+    def score(
+        self,
+        images: torch.Tensor,
+        ctx: Context,
+        indices: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        split: str | None = None,
+    ) -> Scores:
         if self.model is None:
             raise RuntimeError("DLSR.score called before fit")
         feats = self.features(images, ctx)

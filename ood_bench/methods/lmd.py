@@ -78,7 +78,7 @@ class LMD(Method):
             if self.steps > n_train:
                 raise ValueError(f"method.steps={self.steps} is not valid; valid: 1..{n_train} (model timesteps)")
 
-    def fit(self, id_train: torch.Tensor, ctx: Context) -> None:
+    def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
         # The distance first: a missing LPIPS backbone fails before any training.
         self.distance = build_distance(
             self.distance_name,
@@ -92,7 +92,14 @@ class LMD(Method):
         self.model = get_diffusion_model(ctx.model_cfg, id_train, ctx.cache, ctx.device, progress=ctx.progress)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, ctx: Context, indices: np.ndarray | None = None) -> Scores:
+    def score(
+        self,
+        images: torch.Tensor,
+        ctx: Context,
+        indices: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        split: str | None = None,
+    ) -> Scores:
         if self.model is None or self.distance is None:
             raise RuntimeError("call fit() before score()")
         n, size = images.shape[0], images.shape[-1]
