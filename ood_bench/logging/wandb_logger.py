@@ -25,8 +25,12 @@ def log_to_wandb(
     tags: list[str] | None = None,
     dir: str | Path | None = None,
     per_sample: Mapping[str, np.ndarray] | None = None,
+    images: Mapping[str, str | Path] | None = None,
 ) -> str | None:
-    """Create one W&B run holding ``record`` as summary and log; return the run's local directory."""
+    """Create one W&B run holding ``record`` as summary and log; return the run's local directory.
+
+    ``images`` maps a W&B key to a PNG file (e.g. the run folder's figures), logged as ``wandb.Image``.
+    """
     if mode not in WANDB_MODES:
         raise ValueError(f"logger.mode={mode!r} is not valid; valid: {list(WANDB_MODES)}")
     import wandb
@@ -53,6 +57,8 @@ def log_to_wandb(
             cols = list(per_sample)
             table = wandb.Table(columns=cols, data=[list(r) for r in zip(*(per_sample[c].tolist() for c in cols))])
             run.log({"scores": table})
+        if images:
+            run.log({key: wandb.Image(str(path)) for key, path in images.items()})
         run_dir = getattr(run, "dir", None)
     finally:
         run.finish()
