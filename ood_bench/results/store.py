@@ -40,6 +40,19 @@ RESULT_COLUMNS = [
     "aupr_in",
     "aupr_out",
     "fpr95_oodpos",
+    "seconds",
+    "fit_seconds",
+    "score_seconds",
+    "nfe_per_image",
+    "images_per_s",
+    "device",
+    "git_commit",
+    "timestamp",
+]
+
+
+# Anomaly-detection rows continue with these (then the rest, sorted).
+ANOMALY_COLUMNS = [
     "category",
     "shot_seed",
     "k_shot",
@@ -53,16 +66,7 @@ RESULT_COLUMNS = [
     "pixel_auroc",
     "aupro",
     "pixel_f1_max",
-    "seconds",
-    "fit_seconds",
-    "score_seconds",
-    "nfe_per_image",
-    "images_per_s",
-    "device",
-    "git_commit",
-    "timestamp",
 ]
-
 
 # Columns of the printed metrics table.
 TABLE_COLUMNS = ["method", "data", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "seconds"]
@@ -78,7 +82,8 @@ def _csv_text(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
 
 
 def ordered_columns(record: Mapping[str, Any]) -> list[str]:
-    return [c for c in RESULT_COLUMNS if c in record] + sorted(k for k in record if k not in RESULT_COLUMNS)
+    leading = [c for c in (*RESULT_COLUMNS, *ANOMALY_COLUMNS) if c in record]
+    return leading + sorted(k for k in record if k not in leading)
 
 
 def union_columns(rows: list[Mapping[str, Any]]) -> list[str]:
