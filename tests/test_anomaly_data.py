@@ -139,7 +139,7 @@ def test_corrupt_mask_and_image_name_the_file(tmp_path):
     with pytest.raises(CorruptFileError, match=rf"cannot decode mask {bad_mask}"):
         load_category(src, 0, n_test=None, seed=0, **GEOMETRY)
     bad_image = base / "train" / "good" / "003.png"
-    bad_image.write_bytes(open(base / "train" / "good" / "000.png", "rb").read()[:60])  # truncated
+    bad_image.write_bytes((base / "train" / "good" / "000.png").read_bytes()[:60])  # truncated
     with pytest.raises(CorruptFileError, match=rf"cannot decode image {bad_image}"):
         load_images([str(bad_image)], 32, "resize", 3)
 
