@@ -89,6 +89,8 @@ class AnomalyTask(Task):
             raise ValueError(f"data.categories of data={data.name!r} is empty; add a category (conf/category/)")
         names = []
         for key, src in data.categories.items():
+            if "_target_" not in src or "name" not in src:
+                raise ValueError(f"data.categories.{key} needs _target_ and name: pick a layout from conf/category/")
             target = get_class(src._target_)
             if not issubclass(target, AnomalySource):
                 raise ValueError(f"data.categories.{key}._target_={src._target_} is not an AnomalySource")
