@@ -65,7 +65,9 @@ class Probe(Method):
         maps = images.mean(1).numpy()
         if self.bad_maps:
             maps = maps[:, ::2]
-        return Scores(maps.reshape(len(images), -1).mean(1), maps=maps)
+        flat = maps.reshape(len(images), -1)
+        extras = {"peak": flat.max(1), "quantiles": np.quantile(flat, [0.5, 0.9], axis=1).T}
+        return Scores(flat.mean(1), extras=extras, maps=maps)
 
 
 @pytest.fixture
@@ -123,6 +125,11 @@ def test_anomaly_task_follows_the_contract(hydra_conf, tmp_path, probe, two_cate
     assert record["image_auroc"] > 0.95 and record["pixel_auroc"] > 0.95
     assert record["category"] == "all" and record["n_fits"] == len(fits) and record["n_cached_fits"] == 0
     assert optimized_value(cfg, record) == record["image_auroc"]
+    # scores.csv: one row per test image and shot seed, with the method's extras as columns
+    with open(tmp_path / "results" / "_anomaly_probe" / "surface_defects" / record["config_hash"] / "scores.csv") as f:
+        header, *lines = f.read().splitlines()
+    assert header.split(",")[-4:] == ["score", "peak", "quantiles_0", "quantiles_1"]
+    assert len(lines) == 2 * record["n_test"]
 
 
 def test_interrupted_run_resumes_from_cached_fits(hydra_conf, tmp_path, probe, two_categories):

@@ -36,7 +36,7 @@ from ood_bench.data.anomaly import ASPECTS, AnomalySource, Category, load_catego
 from ood_bench.figures.anomaly import Panel, overlay_grid, pick_rows
 from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics.anomaly import ANOMALY_CONVENTION, ANOMALY_METRICS, AnomalyMetrics
-from ood_bench.tasks.base import Task, TaskResult
+from ood_bench.tasks.base import Task, TaskResult, extra_columns
 from ood_bench.utils import tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class AnomalyTask(Task):
                         "defect": c.table["defect"].to_numpy()[c.test_rows],
                         "label": c.test_labels,
                         "score": values,
+                        **extra_columns(res["extras"]),
                     }
                 )
                 if seed == int(d.shot_seeds[0]) and res["figure"] is not None:
@@ -204,7 +205,8 @@ class AnomalyTask(Task):
             "aspect": d.aspect,
         }
         files["shots.json"] = json.dumps(self._shots_json(d, cats, shots_log), indent=1)
-        columns = {k: np.concatenate([p[k] for p in per_sample]) for k in per_sample[0]}
+        keys = [k for k in per_sample[0] if all(k in p for p in per_sample)]  # extras every fit returned
+        columns = {k: np.concatenate([p[k] for p in per_sample]) for k in keys}
         return TaskResult(record, columns, rows=table, files=files, images=images, describe=describe)
 
     def _fit(
@@ -274,6 +276,7 @@ class AnomalyTask(Task):
                 acc.update(s.values, c.test_labels, *((s.maps, c.test_masks) if with_maps else ()))
                 info: dict[str, Any] = {"metrics": acc.compute(), "score_seconds": t_score, "figure": None}
                 arrays[f"values_{j}"] = s.values
+                arrays.update({f"extra_{j}_{k}": np.asarray(v) for k, v in s.extras.items()})
                 if s.maps is not None:
                     picked = pick_rows(s.values, c.test_labels, FIGURE_ROWS)
                     rows_ = np.array([i for _, i in picked], dtype=np.int64)
@@ -296,6 +299,8 @@ class AnomalyTask(Task):
             for j, c in enumerate(group):
                 res = fit["categories"][c.name]
                 res["values"] = z[f"values_{j}"]
+                prefix = f"extra_{j}_"
+                res["extras"] = {k.removeprefix(prefix): z[k] for k in z.files if k.startswith(prefix)}
                 if res["figure"] is not None:
                     res["figure"]["maps"] = z[f"figure_maps_{j}"]
         return fit, not created

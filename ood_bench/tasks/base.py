@@ -37,6 +37,18 @@ class TaskResult:
     describe: dict[str, Any] | None = None  # the method's settings as run (None: the runner's instance describes)
 
 
+def extra_columns(extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A method's per-sample extras as scores.csv columns (``[N, K]`` becomes K columns ``<name>_<k>``)."""
+    cols: dict[str, np.ndarray] = {}
+    for key, v in extras.items():
+        v = np.asarray(v)
+        if v.ndim == 1:
+            cols[key] = v
+        else:
+            cols.update({f"{key}_{k}": v[:, k] for k in range(v.shape[1])})
+    return cols
+
+
 class Task(ABC):
     """One task family (``data.task``)."""
 

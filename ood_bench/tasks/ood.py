@@ -16,7 +16,7 @@ from ood_bench.data.transforms import PROTOCOLS
 from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics import CONVENTION, ood_metrics
 from ood_bench.results import TABLE_COLUMNS
-from ood_bench.tasks.base import Task, TaskResult
+from ood_bench.tasks.base import Task, TaskResult, extra_columns
 
 
 def load_pair(data_cfg: DictConfig) -> Pair:
@@ -105,11 +105,5 @@ def per_sample_columns(pair: Pair, s_id: Scores, s_ood: Scores) -> dict[str, np.
         "sample_index": np.r_[pair.id_test.indices, pair.ood_test.indices],
         "score": np.r_[s_id.values, s_ood.values],
     }
-    for key in s_id.extras:
-        both = np.concatenate([np.asarray(s_id.extras[key]), np.asarray(s_ood.extras[key])])
-        if both.ndim == 1:
-            cols[key] = both
-        else:
-            for j in range(both.shape[1]):
-                cols[f"{key}_{j}"] = both[:, j]
-    return cols
+    both = {k: np.concatenate([np.asarray(s_id.extras[k]), np.asarray(s_ood.extras[k])]) for k in s_id.extras}
+    return {**cols, **extra_columns(both)}
