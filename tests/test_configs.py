@@ -324,6 +324,7 @@ ANOMALY_BAD_VALUES = [
     (["method=lmd_mse"], r"method\.name='lmd'.*\['ood'\].*'anomaly'.*patch_knn"),
     (["debug=default"], r"data\.n_train is a setting of OOD pairs.*debug=anomaly"),
     (["method.image_score=mean"], r"method\.image_score='mean'.*max.*topk_mean"),
+    (["data.image_size=16"], r"data\.image_size=16 is too small for method\.layers"),
 ]
 
 

@@ -79,11 +79,15 @@ class PatchKNN(Method):
 
     def check(self, image_size: int, channels: int, model_cfg: dict[str, Any] | None) -> None:
         """Build the encoder at the data's size: unknown layers, missing weights or too small images fail now."""
-        enc = self._encoder(image_size)
-        with torch.no_grad():
-            maps = enc.feature_maps(torch.zeros(1, channels, image_size, image_size))
-        if min(min(m.shape[-2:]) for m in maps) < 1:
-            raise ValueError(f"data.image_size={image_size} is too small for layers {self.layers} of {enc.name}")
+        try:
+            enc = self._encoder(image_size)
+            with torch.no_grad():
+                enc.feature_maps(torch.zeros(1, channels, image_size, image_size))
+        except RuntimeError as err:  # a map shrinks to nothing before the last tapped layer
+            raise ValueError(
+                f"data.image_size={image_size} is too small for method.layers={self.layers} of "
+                f"{self.encoder_name} ({err}); use a larger image size (e.g. 64) or earlier layers"
+            ) from err
 
     @torch.no_grad()
     def _embed(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
