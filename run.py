@@ -13,10 +13,10 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Run one cell and return its AUROC (what a Hydra sweeper would optimise)."""
-    from ood_bench.runner import run
+    """Run one cell and return ``optimized_metric`` (null: the task's headline, auroc or image_auroc) for sweepers."""
+    from ood_bench.runner import optimized_value, run
 
-    return float(run(cfg)["auroc"])
+    return optimized_value(cfg, run(cfg))
 
 
 if __name__ == "__main__":

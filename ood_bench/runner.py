@@ -1,4 +1,8 @@
-"""One run, one straight path: config -> data pair -> method (fit, score) -> metrics -> results and loggers."""
+"""One run, one straight path: config -> task (data, method fit/score, metrics) -> results and loggers.
+
+The data config's ``task`` (``ood`` when absent: an ID/OOD pair; ``anomaly``: few-shot anomaly detection) picks the
+task layer (``ood_bench/tasks/``) that owns the data loading, the fit/score protocol, the metrics and the columns.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ood_bench.cache import ArtifactCache
-from ood_bench.data import Pair, build_pair
-from ood_bench.data.transforms import PROTOCOLS
 from ood_bench.logging import log_to_wandb
 from ood_bench.logging.wandb_logger import WANDB_MODES
-from ood_bench.methods import Context, build_method
-from ood_bench.metrics import ood_metrics
+from ood_bench.methods import METHODS, Context, Method, build_method
 from ood_bench.models.diffusion import validate_model_cfg
-from ood_bench.results import RunStore, format_table
+from ood_bench.results import RunStore
+from ood_bench.tasks import Task, get_task
 from ood_bench.utils import git_commit, resolve_device, stable_hash
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,8 @@ LOGGERS = ("csv", "wandb")
 
 def validate(cfg: DictConfig) -> None:
     """Fail at start, naming the key and the valid values, before any data is read or model trained."""
-    if cfg.data.resize_protocol not in PROTOCOLS:
-        raise ValueError(f"data.resize_protocol={cfg.data.resize_protocol!r} is not valid; valid: {list(PROTOCOLS)}")
+    task = get_task(cfg.data)
+    task.validate(cfg.data)
     if cfg.logger.name not in LOGGERS:
         raise ValueError(f"logger.name={cfg.logger.name!r} is not valid; valid: {list(LOGGERS)}")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
@@ -40,52 +40,49 @@ def validate(cfg: DictConfig) -> None:
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads={threads!r} is not valid; use a positive integer or null (torch's default)")
-    for key in ("n_train", "n_id_test", "n_ood_test"):
-        v = cfg.data[key]
-        if v is not None and (not isinstance(v, int) or v <= 0):
-            raise ValueError(f"data.{key}={v!r} is not valid; use a positive integer or null (all)")
-
-
-def load_pair(data_cfg: DictConfig) -> Pair:
-    """Instantiate the two dataset sources and build the pair."""
-    d = data_cfg
-    return build_pair(
-        d.name,
-        instantiate(d.id),
-        instantiate(d.ood),
-        image_size=d.image_size,
-        channels=d.channels,
-        n_train=d.n_train,
-        n_id_test=d.n_id_test,
-        n_ood_test=d.n_ood_test,
-        id_classes=OmegaConf.to_container(d.id_classes) if d.id_classes is not None else None,
-        ood_classes=OmegaConf.to_container(d.ood_classes) if d.ood_classes is not None else None,
-        resize_protocol=d.resize_protocol,
-        seed=d.seed,
-    )
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in task.metrics:
+        raise ValueError(
+            f"optimized_metric={metric!r} is not a metric of the {task.name} task; valid: {list(task.metrics)} "
+            f"or null (= {task.metrics[0]})"
+        )
 
 
 def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: bool, runtime_keys: set[str]) -> dict:
     """The settings that determine a run's numbers (batch size, paths and loggers do not)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    for side in ("id", "ood"):
-        data[side] = {k: v for k, v in data[side].items() if k not in ("root", "download")}
     return {
-        "data": data,
+        "data": get_task(cfg.data).data_identity(cfg.data),
         "method": {k: v for k, v in method_cfg.items() if k not in runtime_keys},
         "model": OmegaConf.to_container(cfg.model, resolve=True) if uses_model else None,
         "seed": cfg.seed,
     }
 
 
+def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float:
+    """The value a Hydra sweeper optimises: ``optimized_metric``, or the task's headline metric when null."""
+    return float(record[cfg.get("optimized_metric") or get_task(cfg.data).metrics[0]])
+
+
+def check_task(task: Task, method: Method, data_name: str) -> None:
+    """Refuse a method that does not serve the data's task, naming both and the methods that would."""
+    if task.name not in method.tasks:
+        serving = sorted(name for name, cls in METHODS.items() if task.name in cls.tasks and not name.startswith("_"))
+        raise ValueError(
+            f"method.name={method.name!r} serves the task(s) {list(method.tasks)}, but data={data_name!r} is "
+            f"'{task.name}' data (data.task); methods for the {task.name} task: {serving}"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one (data, method, model) cell and return its results record."""
     validate(cfg)
+    task = get_task(cfg.data)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     method = build_method(method_cfg)
+    check_task(task, method, cfg.data.name)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.update(sample_size=cfg.data.image_size, channels=cfg.data.channels)
     if method.uses_image_model:
@@ -97,60 +94,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if store.done and not cfg.overwrite:
         record = store.load_record()
         log.info("results for config %s are complete in %s; skipping (overwrite=true re-runs)", config_hash, store.dir)
-        log.info("\n%s", format_table([record]))
+        log.info("\n%s", task.format(store.load_rows() or [record]))
         return record
 
     t_start = time.perf_counter()
-    pair = load_pair(cfg.data)
     ctx = Context(
         device=device,
         cache=ArtifactCache(cfg.paths.cache_dir),
         seed=cfg.seed,
         weights_dir=Path(cfg.paths.weights_dir),
         model_cfg=model_cfg,
-        data_meta=pair.meta,
+        data_meta={},
         progress=cfg.progress,
     )
-    t0 = time.perf_counter()
-    method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
-    t_fit = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    s_id = method.score(pair.id_test.images, ctx, indices=pair.id_test.indices, labels=pair.id_test.labels, split="id")
-    s_ood = method.score(
-        pair.ood_test.images, ctx, indices=pair.ood_test.indices, labels=pair.ood_test.labels, split="ood"
-    )
-    t_score = time.perf_counter() - t0
-    metrics = ood_metrics(s_id.values, s_ood.values)
-    n_id, n_ood = len(s_id.values), len(s_ood.values)
-
+    result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity)
+    common = {"method": method.name, "data": cfg.data.name, "config_hash": config_hash}
     record: dict[str, Any] = {
-        "method": method.name,
-        "data": cfg.data.name,
-        "config_hash": config_hash,
-        "n_id": n_id,
-        "n_ood": n_ood,
-        **metrics,
+        **common,
+        **result.record,
         "seconds": round(time.perf_counter() - t_start, 3),
-        "fit_seconds": round(t_fit, 3),
-        "score_seconds": round(t_score, 3),
-        "nfe_per_image": s_id.nfe_per_image,
-        "images_per_s": round((n_id + n_ood) / max(t_score, 1e-9), 4),
         "device": str(device),
         "git_commit": git_commit(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": cfg.seed,
         "model": cfg.model.name if method.uses_image_model else "",
-        "image_size": cfg.data.image_size,
-        "channels": cfg.data.channels,
-        "resize_protocol": cfg.data.resize_protocol,
-        "resize_via": pair.meta["resize_via"],
-        "n_train": pair.meta["n_train"],
-        "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
-        "ood_files": pair.meta["ood"].get("files", pair.meta["ood"]["type"]),
-        **{f"method.{k}": v for k, v in method.describe().items()},
+        **{f"method.{k}": v for k, v in (result.describe or method.describe()).items()},
     }
-    per_sample = _per_sample_columns(pair, s_id, s_ood)
-    store.write(record, per_sample, OmegaConf.to_yaml(cfg, resolve=True))
+    rows = [{**common, **row} for row in result.rows]
+    store.write(
+        record,
+        result.per_sample,
+        OmegaConf.to_yaml(cfg, resolve=True),
+        rows=rows,
+        files=result.files,
+        convention=task.convention,
+    )
     if cfg.logger.name == "wandb":
         log_to_wandb(
             record,
@@ -161,26 +139,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group=cfg.logger.group,
             tags=list(cfg.logger.tags or []),
             dir=cfg.logger.dir,
-            per_sample=per_sample if cfg.logger.log_scores else None,
+            per_sample=result.per_sample if cfg.logger.log_scores else None,
+            images={key: str(store.dir / name) for key, name in result.images.items()} or None,
         )
-    log.info("\n%s", format_table([record]))
+    log.info("\n%s", task.format(rows or [record]))
     return record
-
-
-def _per_sample_columns(pair: Pair, s_id, s_ood) -> dict[str, np.ndarray]:
-    """Long table: split, label, sample index, score and every extra (one column per repeat)."""
-    n_id, n_ood = len(s_id.values), len(s_ood.values)
-    cols: dict[str, np.ndarray] = {
-        "split": np.array(["id"] * n_id + ["ood"] * n_ood),
-        "label": np.r_[pair.id_test.labels, pair.ood_test.labels],
-        "sample_index": np.r_[pair.id_test.indices, pair.ood_test.indices],
-        "score": np.r_[s_id.values, s_ood.values],
-    }
-    for key in s_id.extras:
-        both = np.concatenate([np.asarray(s_id.extras[key]), np.asarray(s_ood.extras[key])])
-        if both.ndim == 1:
-            cols[key] = both
-        else:
-            for j in range(both.shape[1]):
-                cols[f"{key}_{j}"] = both[:, j]
-    return cols

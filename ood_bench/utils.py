@@ -39,6 +39,15 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike[str], length: int = 16) -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks (``length=64`` gives the full SHA-256)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
 def tensor_fingerprint(t: torch.Tensor, length: int = 16) -> str:
     """Content hash of a tensor (shape, dtype and bytes)."""
     h = hashlib.sha256()

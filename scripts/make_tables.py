@@ -13,7 +13,25 @@ import csv
 import logging
 from pathlib import Path
 
+from ood_bench.metrics import ANOMALY_CONVENTION
 from ood_bench.results import TABLE_COLUMNS, format_table
+
+# one row per anomaly run: the mean over shot seeds (and categories) with the std over shot seeds
+ANOMALY_TABLE_COLUMNS = [
+    "method",
+    "data",
+    "k_shot",
+    "mode",
+    "n_test",
+    "image_auroc",
+    "image_auroc_std",
+    "pixel_auroc",
+    "pixel_auroc_std",
+    "aupro",
+    "image_f1_max",
+    "pixel_f1_max",
+    "seconds",
+]
 
 log = logging.getLogger("make_tables")
 
@@ -55,14 +73,19 @@ def main() -> None:
     parser.add_argument("--method", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs = load_runs(args.results, args.method)
+    rows = load_runs(args.results, args.method)
+    anomaly = [r for r in rows if r.get("image_auroc")]  # anomaly-detection runs have their own columns
+    runs = [r for r in rows if not r.get("image_auroc")]
     columns = [*TABLE_COLUMNS[:-1], "nfe_per_image", "images_per_s", "seconds"]
     if args.paper:
         ref = paper_auroc(args.paper)
         for r in runs:
             r["paper_auroc"] = match(ref, r)
         columns.append("paper_auroc")
-    log.info(format_table(runs, columns))
+    if runs or not anomaly:
+        log.info(format_table(runs, columns))
+    if anomaly:
+        log.info(format_table(anomaly, ANOMALY_TABLE_COLUMNS, ANOMALY_CONVENTION))
 
 
 if __name__ == "__main__":

@@ -10,30 +10,53 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from ood_bench.data import DatasetNotFoundError, DigitsSource, Source
+from ood_bench.data.anomaly import ASPECTS, AnomalySource
+from ood_bench.data.download import DOWNLOADS
 from ood_bench.data.transforms import PROTOCOLS
 from ood_bench.logging.wandb_logger import WANDB_MODES
 from ood_bench.methods import METHODS, build_method
 from ood_bench.models.diffusion import PREDICTION_TYPES, build_unet
 from ood_bench.runner import LOGGERS, run, validate
+from ood_bench.tasks import get_task
+from ood_bench.tasks.anomaly import MODES
 
 CONFIG_GROUPS = ("data", "method", "model", "logger")
 
 
-def choices(group: str) -> list[str]:
-    """Config files of a group, found at collection time (new files are picked up automatically)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.name.startswith("_"))
+def choices(group: str, nested: bool = True) -> list[str]:
+    """Config files of a group, found at collection time (new files are picked up automatically); ``nested``
+    includes sub-folders (``data=mvtec/bottle``)."""
+    base = CONF_DIR / group
+    found = base.rglob("*.yaml") if nested else base.glob("*.yaml")
+    return sorted(p.relative_to(base).with_suffix("").as_posix() for p in found if not p.name.startswith("_"))
+
+
+def check_data(data) -> None:
+    """The data part of a composed config: an OOD pair (two dataset sources) or anomaly data (categories)."""
+    assert isinstance(data.name, str) and data.name
+    assert isinstance(data.image_size, int) and data.image_size >= 8
+    assert data.channels in (1, 3)
+    task = get_task(data)
+    if task.name == "ood":
+        for side in ("id", "ood"):
+            target = get_class(data[side]._target_)
+            assert issubclass(target, Source), target
+            assert data[side].name
+        assert data.resize_protocol in PROTOCOLS
+        return
+    assert task.name == "anomaly" and "id" not in data and "ood" not in data
+    assert data.categories, "anomaly data needs at least one category"
+    for key, src in data.categories.items():
+        assert issubclass(get_class(src._target_), AnomalySource), src._target_
+        assert src.name == key  # rows, figures and labels are named after the source's name
+        assert src.object_name and "?" not in str(src.object_name)
+    assert data.aspect in ASPECTS and data.mode in MODES
+    assert data.k_shot >= 1 and len(data.shot_seeds) >= 1
 
 
 def check_common(cfg) -> None:
     """Fields every composed config must have, with values the runner accepts."""
-    for side in ("id", "ood"):
-        target = get_class(cfg.data[side]._target_)
-        assert issubclass(target, Source), target
-        assert cfg.data[side].name
-    assert isinstance(cfg.data.name, str) and cfg.data.name
-    assert isinstance(cfg.data.image_size, int) and cfg.data.image_size >= 8
-    assert cfg.data.channels in (1, 3)
-    assert cfg.data.resize_protocol in PROTOCOLS
+    check_data(cfg.data)
     assert cfg.method.name in METHODS, f"method.name={cfg.method.name!r} not registered: {sorted(METHODS)}"
     assert cfg.model.name and "scheduler" in cfg.model and "unet" in cfg.model
     assert cfg.logger.name in LOGGERS
@@ -64,7 +87,14 @@ def test_default_config(cfg_default):
 def test_data_config_composes(hydra_conf, tmp_path, choice):
     cfg = hydra_conf([f"data={choice}"], tmp_path)
     check_common(cfg)
-    assert cfg.data.name == choice  # results folders are named after data.name
+    assert cfg.data.name == choice.replace("/", "_")  # results folders are named after data.name
+
+
+def test_anomaly_data_covers_every_mvtec_and_visa_category():
+    data = choices("data")
+    assert len([c for c in data if c.startswith("mvtec/") and c != "mvtec/all"]) == 15
+    assert len([c for c in data if c.startswith("visa/") and c != "visa/all"]) == 12
+    assert {"magnetic_tile", "kolektor_sdd", "surface_defects", "folder"} <= set(data)
 
 
 @pytest.mark.parametrize("choice", choices("data"))
@@ -72,6 +102,17 @@ def test_data_sources_instantiate_lazily(hydra_conf, tmp_path, choice):
     """Construction reads nothing; reading from an empty data folder names the folder (digits is embedded)."""
     empty = tmp_path / "no_data_here"
     cfg = hydra_conf([f"data={choice}", f"paths.data_dir={empty}"], tmp_path)
+    if get_task(cfg.data).name == "anomaly":
+        for src_cfg in cfg.data.categories.values():
+            src = instantiate(src_cfg)
+            assert isinstance(src, AnomalySource) and src.describe()["name"] == src.name == src_cfg.name
+            with pytest.raises(DatasetNotFoundError) as err:
+                src.samples()
+            assert str(empty) in str(err.value) and "Expected layout" in str(err.value)
+            if src.archive:  # official archive: the message says where to get it and its hash
+                assert DOWNLOADS[src.archive].url in str(err.value) and DOWNLOADS[src.archive].sha256 in str(err.value)
+        assert not empty.exists()
+        return
     for side in ("id", "ood"):
         src = instantiate(cfg.data[side])
         assert isinstance(src, Source) and src.name == cfg.data[side].name
@@ -97,6 +138,8 @@ def build_method_or_skip(cfg):
 @pytest.mark.parametrize("choice", choices("method"))
 def test_method_config_composes_and_builds(hydra_conf, tmp_path, choice):
     cfg = hydra_conf([f"method={choice}"], tmp_path)
+    if "ood" not in METHODS[cfg.method.name].tasks:  # an anomaly-only method composes with anomaly data
+        cfg = hydra_conf([f"method={choice}", "data=magnetic_tile"], tmp_path)
     check_common(cfg)
     method = build_method_or_skip(cfg)
     assert type(method) is METHODS[cfg.method.name]
@@ -160,7 +203,7 @@ def test_wrong_group_choice_lists_valid_choices(hydra_conf, tmp_path, group):
         hydra_conf([f"{group}=nope"], tmp_path)
     msg = str(err.value)
     assert f"{group}/nope" in msg and "Available options" in msg
-    for valid in choices(group):
+    for valid in choices(group, nested=False):  # Hydra lists the group's own files; sub-folders are sub-groups
         assert valid in msg
 
 
@@ -254,3 +297,61 @@ def test_missing_data_is_reported_after_validation(hydra_conf, tmp_path):
     cfg = _fail_fast_cfg(hydra_conf, tmp_path, ["method.distance=mse"])
     with pytest.raises(DatasetNotFoundError, match="no_data"):
         run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Anomaly detection: debug settings, bad values, method/task mismatches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("choice", choices("debug"))
+def test_debug_config_composes_with_its_task(hydra_conf, tmp_path, choice):
+    data = "magnetic_tile" if choice == "anomaly" else "digits"
+    method = "patch_knn" if choice == "anomaly" else "lmd_mse"
+    cfg = hydra_conf([f"data={data}", f"method={method}", f"debug={choice}"], tmp_path)
+    check_common(cfg)
+    assert cfg.progress is False
+
+
+ANOMALY_BAD_VALUES = [
+    (["data.aspect=stretch"], r"data\.aspect='stretch'.*resize.*center_crop"),
+    (["data.mode=both"], r"data\.mode='both'.*per_category.*multi_class"),
+    (["data.k_shot=0"], r"data\.k_shot=0.*positive integer"),
+    (["data.shot_seeds=[]"], r"data\.shot_seeds=.*non-empty list of distinct integers"),
+    (["data.shot_seeds=[1,1]"], r"data\.shot_seeds=.*distinct"),
+    (["data.n_test=0"], r"data\.n_test=0.*positive integer or null"),
+    (["optimized_metric=auroc"], r"optimized_metric='auroc'.*anomaly task.*image_auroc"),
+    (["method=lmd_mse"], r"method\.name='lmd'.*\['ood'\].*'anomaly'.*patch_knn"),
+    (["debug=default"], r"data\.n_train is a setting of OOD pairs.*debug=anomaly"),
+    (["method.image_score=mean"], r"method\.image_score='mean'.*max.*topk_mean"),
+    (["data.image_size=16"], r"data\.image_size=16 is too small for method\.layers"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", ANOMALY_BAD_VALUES, ids=[" ".join(o) for o, _ in ANOMALY_BAD_VALUES])
+def test_anomaly_bad_value_fails_at_start(hydra_conf, tmp_path, overrides, message):
+    cfg = hydra_conf(
+        ["data=magnetic_tile", "method=patch_knn", f"paths.data_dir={tmp_path / 'no_data'}", *overrides], tmp_path
+    )
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
+
+
+def test_anomaly_method_refuses_ood_data(hydra_conf, tmp_path):
+    cfg = _fail_fast_cfg(hydra_conf, tmp_path, ["method=patch_knn"])
+    with pytest.raises(ValueError, match=r"method\.name='patch_knn'.*\['anomaly'\].*'ood'.*lmd"):
+        run(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_missing_anomaly_data_names_layout_and_download(hydra_conf, tmp_path):
+    """A missing MVTec category fails after validation with the expected layout, the URL and its hash."""
+    cfg = hydra_conf(["data=mvtec/bottle", "method=patch_knn", f"paths.data_dir={tmp_path / 'no_data'}"], tmp_path)
+    with pytest.raises(DatasetNotFoundError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert str(tmp_path / "no_data" / "mvtec_anomaly_detection" / "bottle") in msg
+    assert "train/good" in msg and "ground_truth/<defect>/<stem>_mask.png" in msg
+    assert DOWNLOADS["mvtec_ad"].url in msg and "data.download=true" in msg
+    assert not (tmp_path / "results").exists()

@@ -19,7 +19,6 @@ initialisation); a path loads that file; a torchvision weights name (``IMAGENET1
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ood_bench.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -259,15 +260,6 @@ def check_encoder_name(name: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Weights
 # --------------------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | os.PathLike[str], length: int = 16) -> str:
-    """Hex digest of a file's bytes (identifies the weights in cache keys and results)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
 
 
 def _file_id(path: Path) -> str:
@@ -514,6 +506,15 @@ class FeatureEncoder(nn.Module):
 
     def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run the backbone up to the last tapped layer; return the pooled vector of each tap."""
+        return self._taps(x, lambda fmap: pool_map(fmap, self.pool_size))
+
+    @torch.no_grad()
+    def feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The tapped layers' spatial maps ``[N, C_l, h_l, w_l]`` (float32, not pooled, not z-scored)."""
+        return self._taps(self.preprocess(images), lambda fmap: fmap.float())
+
+    def _taps(self, x: torch.Tensor, keep) -> list[torch.Tensor]:
+        """Run the backbone up to the last tapped layer; return ``keep(map)`` of each tap."""
         out: dict[str, torch.Tensor] = {}
         modules = dict(self.backbone.named_modules())
 
@@ -521,7 +522,7 @@ class FeatureEncoder(nn.Module):
             def fn(_module: nn.Module, _inputs: Any, output: Any) -> None:
                 if not torch.is_tensor(output):
                     raise ValueError(f"layer {layer!r} of {self.name} returns {type(output).__name__}, not a map")
-                out[layer] = pool_map(output, self.pool_size)
+                out[layer] = keep(output)
                 if len(out) == len(self.layers):
                     raise _StopForward
 

@@ -1,0 +1,109 @@
+"""The OOD task: an ID/OOD pair, one fit on the ID training split, image scores, ``ood_metrics``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ood_bench.data import Pair, build_pair
+from ood_bench.data.transforms import PROTOCOLS
+from ood_bench.methods import Context, Method, Scores
+from ood_bench.metrics import CONVENTION, ood_metrics
+from ood_bench.results import TABLE_COLUMNS
+from ood_bench.tasks.base import Task, TaskResult, extra_columns
+
+
+def load_pair(data_cfg: DictConfig) -> Pair:
+    """Instantiate the two dataset sources and build the pair."""
+    d = data_cfg
+    return build_pair(
+        d.name,
+        instantiate(d.id),
+        instantiate(d.ood),
+        image_size=d.image_size,
+        channels=d.channels,
+        n_train=d.n_train,
+        n_id_test=d.n_id_test,
+        n_ood_test=d.n_ood_test,
+        id_classes=OmegaConf.to_container(d.id_classes) if d.id_classes is not None else None,
+        ood_classes=OmegaConf.to_container(d.ood_classes) if d.ood_classes is not None else None,
+        resize_protocol=d.resize_protocol,
+        seed=d.seed,
+    )
+
+
+class OodTask(Task):
+    """ID/OOD pairs (``conf/data/<id>_<ood>.yaml``); the default when ``data.task`` is absent."""
+
+    name = "ood"
+    metrics = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_oodpos")
+    table_columns = TABLE_COLUMNS
+    convention = CONVENTION
+
+    def validate(self, data: DictConfig) -> None:
+        if data.resize_protocol not in PROTOCOLS:
+            raise ValueError(f"data.resize_protocol={data.resize_protocol!r} is not valid; valid: {list(PROTOCOLS)}")
+        for key in ("n_train", "n_id_test", "n_ood_test"):
+            v = data[key]
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"data.{key}={v!r} is not valid; use a positive integer or null (all)")
+
+    def data_identity(self, data: DictConfig) -> dict[str, Any]:
+        ident = OmegaConf.to_container(data, resolve=True)
+        for side in ("id", "ood"):
+            ident[side] = {k: v for k, v in ident[side].items() if k not in ("root", "download")}
+        return ident
+
+    def run(
+        self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
+    ) -> TaskResult:
+        pair = load_pair(cfg.data)
+        ctx = replace(ctx, data_meta=pair.meta)
+        t0 = time.perf_counter()
+        method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
+        t_fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s_id = method.score(
+            pair.id_test.images, ctx, indices=pair.id_test.indices, labels=pair.id_test.labels, split="id"
+        )
+        s_ood = method.score(
+            pair.ood_test.images, ctx, indices=pair.ood_test.indices, labels=pair.ood_test.labels, split="ood"
+        )
+        t_score = time.perf_counter() - t0
+        n_id, n_ood = len(s_id.values), len(s_ood.values)
+        record: dict[str, Any] = {
+            "n_id": n_id,
+            "n_ood": n_ood,
+            **ood_metrics(s_id.values, s_ood.values),
+            "fit_seconds": round(t_fit, 3),
+            "score_seconds": round(t_score, 3),
+            "nfe_per_image": s_id.nfe_per_image,
+            "images_per_s": round((n_id + n_ood) / max(t_score, 1e-9), 4),
+            "image_size": cfg.data.image_size,
+            "channels": cfg.data.channels,
+            "resize_protocol": cfg.data.resize_protocol,
+            "resize_via": pair.meta["resize_via"],
+            "n_train": pair.meta["n_train"],
+            "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
+            "ood_files": pair.meta["ood"].get("files", pair.meta["ood"]["type"]),
+        }
+        return TaskResult(record, per_sample_columns(pair, s_id, s_ood))
+
+
+def per_sample_columns(pair: Pair, s_id: Scores, s_ood: Scores) -> dict[str, np.ndarray]:
+    """Long table: split, label, sample index, score and every extra (one column per repeat)."""
+    n_id, n_ood = len(s_id.values), len(s_ood.values)
+    cols: dict[str, np.ndarray] = {
+        "split": np.array(["id"] * n_id + ["ood"] * n_ood),
+        "label": np.r_[pair.id_test.labels, pair.ood_test.labels],
+        "sample_index": np.r_[pair.id_test.indices, pair.ood_test.indices],
+        "score": np.r_[s_id.values, s_ood.values],
+    }
+    both = {k: np.concatenate([np.asarray(s_id.extras[k]), np.asarray(s_ood.extras[k])]) for k in s_id.extras}
+    return {**cols, **extra_columns(both)}
