@@ -309,7 +309,7 @@ def test_second_fit_trains_nothing_and_rescoring_runs_no_unet(fitted, monkeypatc
     monkeypatch.setattr(asd_module, "finetune", lambda *a, **k: trained.append(1) or real(*a, **k))
     x, labels = images(4, 5), np.array([0, 1, 0, 1])
     first = method.score(x, ctx, labels=labels)
-    again = tiny_method(alpha=0.0, image_score="topk_mean", topk=0.05, fusion="mean", smooth_sigma=0.0)
+    again = tiny_method(alpha=0.0, image_score="topk_mean", topk_fraction=0.05, fusion="mean", sigma=0.0)
     again.fit(images(2, 0), ctx, labels=np.array([0, 1]))
     assert trained == []  # the fine-tuned stack came from the cache
     assert again.finetuned_key == method.finetuned_key
@@ -322,7 +322,7 @@ def test_second_fit_trains_nothing_and_rescoring_runs_no_unet(fitted, monkeypatc
     assert not np.allclose(first.values, second.values)
     # what the cache gave back recombines by hand: mean over scales, alpha 0, no smoothing, top-5 % mean
     again.alpha, again.fusion = 0.5, "harmonic"
-    again.smooth_sigma, again.image_score = method.smooth_sigma, "max"
+    again.sigma, again.image_score = method.sigma, "max"
     assert np.allclose(again.score(x, ctx, labels=labels).values, first.values)
     # other shots do train
     other = tiny_method()

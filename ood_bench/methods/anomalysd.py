@@ -17,7 +17,7 @@ max or top-k mean. Higher = more anomalous.
 Caching: the scratch stack (``sd_stack``), the fine-tuned UNet + VAE (``anomalysd_finetuned``: keyed by the base
 stack, the shots, their prompts and every training setting) and, per scored batch, the per-scale and prototype maps
 (``anomalysd_maps``: keyed by the fine-tuned model, the images, their indices and the inpainting and distance
-settings). Changing only ``alpha``, ``fusion``, ``smooth_sigma``, ``image_score`` or ``topk`` re-scores from the
+settings). Changing only ``alpha``, ``fusion``, ``sigma``, ``image_score`` or ``topk_fraction`` re-scores from the
 cached maps with no UNet call.
 """
 
@@ -126,7 +126,7 @@ class AnomalySD(Method):
         augment: dict[str, Any] | None = None,
         train_seed: int = 0,
         checkpoint_every: int = 100,
-        strength: float = 0.5,
+        strength: float = 0.75,
         steps: int = 20,
         eta: float = 0.0,
         replace_known: bool = False,
@@ -135,16 +135,16 @@ class AnomalySD(Method):
         pg_layers: list[int] | tuple[int, ...] = (2, 3),
         pg_ratio: float = 0.1,
         pg_dilate: int = 1,
-        diff_layers: list[int] | tuple[int, ...] = (1, 2, 3),
-        diff_weighting: str = "lpips",
-        feature_size: int | None = None,
-        reference: str = "input",
+        diff_layers: list[int] | tuple[int, ...] = (1,),
+        diff_weighting: str = "uniform",
+        feature_size: int | None = 256,
+        reference: str = "reconstruction",
         paste_back: bool = True,
         fusion: str = "harmonic",
         alpha: float = 0.5,
-        smooth_sigma: float = 4.0,
+        sigma: float = 4.0,
         image_score: str = "max",
-        topk: float = 0.01,
+        topk_fraction: float = 0.01,
         precision: str = "bf16",
         lpips_weights: str = "auto",
         weights_dir: str | None = None,
@@ -177,16 +177,16 @@ class AnomalySD(Method):
             ("strength", strength, 0.0, 1.0),
             ("alpha", alpha, 0.0, 1.0),
             ("pg_ratio", pg_ratio, 0.0, 1.0),
-            ("topk", topk, 0.0, 1.0),
+            ("topk_fraction", topk_fraction, 0.0, 1.0),
             ("eta", eta, 0.0, 1.0),
             ("mask_grid_prob", mask_grid_prob, 0.0, 1.0),
             ("mask_full_prob", mask_full_prob, 0.0, 1.0),
         ):
             if not isinstance(val, int | float) or not lo <= val <= hi:
                 raise ValueError(f"method.{key}={val!r} is not valid; valid: {lo} <= {key} <= {hi}")
-        if strength <= 0 or pg_ratio <= 0 or topk <= 0:
+        if strength <= 0 or pg_ratio <= 0 or topk_fraction <= 0:
             raise ValueError(
-                f"method.strength={strength}, pg_ratio={pg_ratio}, topk={topk}: each must be > 0 (and <= 1)"
+                f"method.strength={strength}, pg_ratio={pg_ratio}, topk_fraction={topk_fraction}: each must be > 0 (and <= 1)"
             )
         if mask_grid_prob + mask_full_prob > 1:
             raise ValueError(f"method.mask_grid_prob + mask_full_prob = {mask_grid_prob + mask_full_prob} > 1")
@@ -196,8 +196,8 @@ class AnomalySD(Method):
         for key, val in (("lr", lr), ("vae_lr", vae_lr), ("beta", beta), ("kl_weight", kl_weight)):
             if val < 0:
                 raise ValueError(f"method.{key}={val} is not valid; use a value >= 0")
-        if smooth_sigma < 0:
-            raise ValueError(f"method.smooth_sigma={smooth_sigma} is not valid; use >= 0 (0 = no smoothing)")
+        if sigma < 0:
+            raise ValueError(f"method.sigma={sigma} is not valid; use >= 0 (0 = no smoothing)")
         if feature_size is not None:
             check_int("feature_size", feature_size, 32)
         if "{c}" not in object_prompt or "{c}" not in detail_prompt:
@@ -242,8 +242,8 @@ class AnomalySD(Method):
         self.pg_ratio, self.pg_dilate = float(pg_ratio), pg_dilate
         self.diff_weighting, self.feature_size = diff_weighting, feature_size
         self.reference, self.paste_back = reference, paste_back
-        self.fusion, self.alpha, self.smooth_sigma = fusion, float(alpha), float(smooth_sigma)
-        self.image_score, self.topk = image_score, float(topk)
+        self.fusion, self.alpha, self.sigma = fusion, float(alpha), float(sigma)
+        self.image_score, self.topk_fraction = image_score, float(topk_fraction)
         self.precision, self.lpips_weights, self.weights_dir = precision, lpips_weights, weights_dir
         self.batch_size = batch_size
         self.sd: SDStack | None = None
@@ -426,8 +426,8 @@ class AnomalySD(Method):
         raw = np.concatenate(parts).astype(np.float64)
         k = len(self.mask_scales)
         scale_maps, pg_map, knn_map = raw[:, :k], raw[:, k], raw[:, k + 1]
-        maps = smooth(fuse(scale_maps, pg_map, self.alpha, self.fusion), self.smooth_sigma)
-        values = image_scores(maps, self.image_score, self.topk)
+        maps = smooth(fuse(scale_maps, pg_map, self.alpha, self.fusion), self.sigma)
+        values = image_scores(maps, self.image_score, self.topk_fraction)
         extras = {
             "ms_max": harmonic_fusion(scale_maps).reshape(n, -1).max(1)
             if self.fusion == "harmonic"
@@ -500,9 +500,9 @@ class AnomalySD(Method):
             "nfe_per_image": self.nfe_per_image,
             "fusion": self.fusion,
             "alpha": self.alpha,
-            "smooth_sigma": self.smooth_sigma,
+            "sigma": self.sigma,
             "image_score": self.image_score,
-            "topk": self.topk if self.image_score == "topk_mean" else "",
+            "topk_fraction": self.topk_fraction if self.image_score == "topk_mean" else "",
             "object_prompt": self.object_prompt,
             "detail_prompt": self.detail_prompt,
             "detail_words": "|".join(self.detail_words),
