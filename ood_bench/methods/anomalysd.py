@@ -186,7 +186,8 @@ class AnomalySD(Method):
                 raise ValueError(f"method.{key}={val!r} is not valid; valid: {lo} <= {key} <= {hi}")
         if strength <= 0 or pg_ratio <= 0 or topk_fraction <= 0:
             raise ValueError(
-                f"method.strength={strength}, pg_ratio={pg_ratio}, topk_fraction={topk_fraction}: each must be > 0 (and <= 1)"
+                f"method.strength={strength}, pg_ratio={pg_ratio}, topk_fraction={topk_fraction}: "
+                "each must be > 0 (and <= 1)"
             )
         if mask_grid_prob + mask_full_prob > 1:
             raise ValueError(f"method.mask_grid_prob + mask_full_prob = {mask_grid_prob + mask_full_prob} > 1")
