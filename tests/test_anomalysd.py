@@ -457,3 +457,65 @@ def test_check_names_scales_that_do_not_fit_the_latent_grid():
     method = build_method({"name": "anomalysd", **TINY_SETTINGS, "mask_scales": [32]})
     with pytest.raises(ValueError, match="mask_scales: 32 .*multiple of 2 px"):
         method.check(32, 3, None)  # 1-px cells split the 2-px latent cells
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Through the runner (in process): rows, figure, record; re-scoring another alpha trains and inpaints nothing
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_RUN = [
+    "method=anomalysd",
+    "data=mvtec/bottle",
+    "debug=anomaly",
+    "data.shot_seeds=[0]",
+    "method.scratch.vae.block_out_channels=[8,16]",
+    "method.scratch.vae.norm_num_groups=4",
+    "method.scratch.unet.block_out_channels=[16,32]",
+    "method.scratch.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "method.scratch.unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]",
+    "method.scratch.unet.norm_num_groups=4",
+    "method.scratch.text.hidden_size=16",
+    "method.scratch.text.intermediate_size=32",
+    "method.scratch.text.num_layers=1",
+    "method.scratch.text.num_heads=2",
+    "method.unet_steps=4",
+    "method.vae_steps=2",
+    "method.train_batch_size=4",
+    "method.vae_batch_size=2",
+    "method.steps=4",
+    "method.feature_size=64",
+]
+
+
+def test_run_through_the_runner_and_rescore_from_cache(hydra_conf, tmp_path, monkeypatch):
+    from anomaly_layouts import write_mvtec
+
+    from ood_bench.runner import run
+
+    shared_weight("alexnet_features_imagenet.pth")
+    data = tmp_path / "data"
+    write_mvtec(data / "mvtec_anomaly_detection", "bottle", n_train=3, n_good=4, defects={"broken": 4})
+    calls = {"finetune": 0, "inpaint": 0}
+    real_ft, real_inpaint = asd_module.finetune, asd_module.sd_inpaint
+
+    def finetune_spy(*a, **k):
+        calls["finetune"] += 1
+        return real_ft(*a, **k)
+
+    def inpaint_spy(*a, **k):
+        calls["inpaint"] += 1
+        return real_inpaint(*a, **k)
+
+    monkeypatch.setattr(asd_module, "finetune", finetune_spy)
+    monkeypatch.setattr(asd_module, "sd_inpaint", inpaint_spy)
+    cfg = hydra_conf([*TINY_RUN, f"paths.data_dir={data}"], tmp_path)
+    record = run(cfg)
+    assert calls["finetune"] == 1 and calls["inpaint"] == 5  # one batch x (2 + 2 grid masks + 1 prototype mask)
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= float(record[key]) <= 1.0, key
+    assert record["method.nfe_per_image"] == 5 * 3 and record["method.stack"] == "scratch"
+    run_dir = next((tmp_path / "results" / "anomalysd" / "mvtec_bottle").iterdir())
+    assert (run_dir / "figures" / "anomaly_bottle.png").is_file()
+    again = run(hydra_conf([*TINY_RUN, f"paths.data_dir={data}", "method.alpha=0.0"], tmp_path))
+    assert calls == {"finetune": 1, "inpaint": 5}  # cached fine-tuned stack and cached maps
+    assert again["config_hash"] != record["config_hash"] and again["method.alpha"] == 0.0

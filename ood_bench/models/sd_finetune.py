@@ -122,23 +122,38 @@ def _latent_fg(fg: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 class _Checkpoint:
-    """The training state of one stage, saved atomically into the resume folder."""
+    """The training state of one stage (its stateful objects, the generator, the losses), saved atomically."""
 
     def __init__(self, resume_dir: Path | None, stage: str, every: int) -> None:
         self.file = resume_dir / f"{stage}_state.pt" if resume_dir is not None else None
         self.every = every
+        self.objects: dict[str, Any] = {}
+        self.gen: torch.Generator | None = None
 
-    def load(self, device: torch.device) -> dict[str, Any] | None:
+    def track(self, gen: torch.Generator, **objects: Any) -> _Checkpoint:
+        """What to save and restore: objects with ``state_dict`` / ``load_state_dict`` and the generator."""
+        self.gen, self.objects = gen, objects
+        return self
+
+    def restore(self, device: torch.device) -> tuple[int, list[tuple[str, int, float]]]:
+        """Load a saved state into the tracked objects; ``(next step, losses so far)`` (``(0, [])`` if none)."""
         if self.file is None or not self.file.is_file():
-            return None
+            return 0, []
         log.info("resuming fine-tuning from %s", self.file)
-        return torch.load(self.file, map_location=device, weights_only=True)
+        state = torch.load(self.file, map_location=device, weights_only=True)
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"]), [tuple(x) for x in state["losses"]]
 
-    def maybe_save(self, step: int, total: int, state: dict[str, Any]) -> None:
+    def maybe_save(self, step: int, total: int, losses: list[tuple[str, int, float]]) -> None:
         if self.file is None or not self.every or (step + 1) % self.every or step + 1 >= total:
             return
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        state.update(step=step + 1, rng=torch.get_rng_state(), gen=self.gen.get_state(), losses=losses)
         with atomic_path(self.file) as tmp:
-            torch.save({"step": step + 1, "rng": torch.get_rng_state(), **state}, tmp)
+            torch.save(state, tmp)
 
 
 def _train_vae(
@@ -160,13 +175,7 @@ def _train_vae(
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.vae_lr, weight_decay=0.0)
-    start, losses = 0, []
-    if (state := ckpt.load(device)) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["rng"])
-        start, losses = int(state["step"]), [tuple(x) for x in state["losses"]]
+    start, losses = ckpt.track(gen, model=vae, opt=opt).restore(device)
     bar = tqdm(
         range(start, cfg.vae_steps), initial=start, total=cfg.vae_steps, desc="fine-tune VAE", disable=not progress
     )
@@ -198,11 +207,7 @@ def _train_vae(
         losses.append(("vae", step, loss.item()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        ckpt.maybe_save(
-            step,
-            cfg.vae_steps,
-            {"model": vae.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "losses": losses},
-        )
+        ckpt.maybe_save(step, cfg.vae_steps, losses)
     vae.eval().requires_grad_(False)
     return losses
 
@@ -238,15 +243,7 @@ def _train_unet(
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.warmup_steps)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    start, losses = 0, []
-    if (state := ckpt.load(device)) is not None:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        lr_sched.load_state_dict(state["lr_sched"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["rng"])
-        start, losses = int(state["step"]), [tuple(x) for x in state["losses"]]
+    start, losses = ckpt.track(gen, model=unet, ema=ema, opt=opt, lr_sched=lr_sched).restore(device)
     bs = cfg.batch_size
     bar = tqdm(
         range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="fine-tune UNet", disable=not progress
@@ -295,18 +292,7 @@ def _train_unet(
         if step % 20 == 0:
             recent = [v for *_, v in losses[-50:]]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
-        ckpt.maybe_save(
-            step,
-            cfg.unet_steps,
-            {
-                "model": unet.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "lr_sched": lr_sched.state_dict(),
-                "gen": gen.get_state(),
-                "losses": losses,
-            },
-        )
+        ckpt.maybe_save(step, cfg.unet_steps, losses)
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     return losses
