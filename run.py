@@ -8,15 +8,18 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from ood_bench.faults import Job, task_wrapper
+
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Run one cell and return its AUROC (what a Hydra sweeper would optimise)."""
-    from ood_bench.runner import run
+@task_wrapper
+def main(cfg: DictConfig, job: Job) -> float:
+    """Run one cell and return its ``optimized_metric`` (what a Hydra sweeper would optimise)."""
+    from ood_bench.runner import optimized_metric, run
 
-    return float(run(cfg)["auroc"])
+    return optimized_metric(run(cfg, on_store=job.on_store), cfg.optimized_metric)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 from ood_bench.cache import ArtifactCache
 from ood_bench.data import Pair, build_pair
 from ood_bench.data.transforms import PROTOCOLS
+from ood_bench.devices import claim_device, hydra_job_num
+from ood_bench.errors import ConfigError, config_errors
+from ood_bench.figures.ood import write_run_figures
 from ood_bench.logging import log_to_wandb
 from ood_bench.logging.wandb_logger import WANDB_MODES
 from ood_bench.methods import Context, build_method
 from ood_bench.metrics import ood_metrics
 from ood_bench.models.diffusion import validate_model_cfg
 from ood_bench.results import RunStore, format_table
-from ood_bench.utils import git_commit, resolve_device, stable_hash
+from ood_bench.utils import git_commit, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,9 @@ def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: boo
     """The settings that determine a run's numbers (batch size, paths and loggers do not)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for side in ("id", "ood"):
-        data[side] = {k: v for k, v in data[side].items() if k not in ("root", "download")}
+        # where the files are, whether to download them, and the bad-file policy (a run that completes under
+        # on_bad_file=fail would give the same numbers under skip) do not change the numbers
+        data[side] = {k: v for k, v in data[side].items() if k not in ("root", "download", "on_bad_file")}
     return {
         "data": data,
         "method": {k: v for k, v in method_cfg.items() if k not in runtime_keys},
@@ -78,22 +85,53 @@ def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: boo
     }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one (data, method, model) cell and return its results record."""
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method = build_method(method_cfg)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.update(sample_size=cfg.data.image_size, channels=cfg.data.channels)
-    if method.uses_image_model:
-        validate_model_cfg(model_cfg)
-    method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
+# The seeds in a run's identity: runs that differ only in these are replicates of one setting (mean ± std).
+SEED_KEYS = (("seed",), ("data", "seed"), ("model", "train", "seed"), ("method", "train_seed"))
+
+
+def setting_hash(identity: dict[str, Any]) -> str:
+    """The config hash with every seed (``SEED_KEYS``) left out: the same for all replicates of a setting."""
+    ident = copy.deepcopy(identity)
+    for *parents, key in SEED_KEYS:
+        node = ident
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            node[key] = None
+    return stable_hash(ident)
+
+
+def optimized_metric(record: dict[str, Any], key: str) -> float:
+    """The value of ``optimized_metric`` in a results record (a clear error names the valid keys)."""
+    if key not in record:
+        numeric = [k for k, v in record.items() if isinstance(v, float)]
+        raise ConfigError(f"optimized_metric={key!r} is not in the results row; valid: {numeric}")
+    return float(record[key])
+
+
+def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> dict[str, Any]:
+    """Run one (data, method, model) cell and return its results record.
+
+    ``on_store`` is called with the run's ``RunStore`` once the config hash is known (the entry point uses it
+    to leave a FAILED marker in the run folder when the run fails).
+    """
+    with config_errors():  # errors up to here are the user's: bad settings, found before any data is read
+        validate(cfg)
+        device = claim_device(cfg.device, job_num=hydra_job_num())
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+        method = build_method(method_cfg)
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg.update(sample_size=cfg.data.image_size, channels=cfg.data.channels)
+        if method.uses_image_model:
+            validate_model_cfg(model_cfg)
+        method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
     identity = config_identity(cfg, method_cfg, method.uses_image_model, set(method.runtime_keys))
     config_hash = stable_hash(identity)
     store = RunStore(cfg.paths.results_dir, method.name, cfg.data.name, config_hash)
+    if on_store is not None:
+        on_store(store)
     if store.done and not cfg.overwrite:
         record = store.load_record()
         log.info("results for config %s are complete in %s; skipping (overwrite=true re-runs)", config_hash, store.dir)
@@ -127,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "method": method.name,
         "data": cfg.data.name,
         "config_hash": config_hash,
+        "setting_hash": setting_hash(identity),
         "n_id": n_id,
         "n_ood": n_ood,
         **metrics,
@@ -147,10 +186,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_train": pair.meta["n_train"],
         "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
         "ood_files": pair.meta["ood"].get("files", pair.meta["ood"]["type"]),
+        "id_files_skipped": pair.meta["files_skipped"]["id"],
+        "ood_files_skipped": pair.meta["files_skipped"]["ood"],
+        "deviations": "; ".join(cfg.get("deviations") or []),
         **{f"method.{k}": v for k, v in method.describe().items()},
     }
     per_sample = _per_sample_columns(pair, s_id, s_ood)
-    store.write(record, per_sample, OmegaConf.to_yaml(cfg, resolve=True))
+    figures = cfg.get("figures") or {}
+    store.write(
+        record,
+        per_sample,
+        OmegaConf.to_yaml(cfg, resolve=True),
+        extra=lambda folder: write_run_figures(folder, per_sample, method, pair, ctx, record=record, **figures),
+    )
     if cfg.logger.name == "wandb":
         log_to_wandb(
             record,
@@ -162,6 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tags=list(cfg.logger.tags or []),
             dir=cfg.logger.dir,
             per_sample=per_sample if cfg.logger.log_scores else None,
+            images=store.figures(),
         )
     log.info("\n%s", format_table([record]))
     return record

@@ -223,7 +223,12 @@ def test_missing_dataset_fails_with_clear_message(work):
     )
     assert code != 0
     assert "DatasetNotFoundError" in out and str(work / "empty" / "MNIST" / "raw") in out
-    assert not (work / "results_missing").exists()
+    assert "Traceback" not in out  # a user error: one message, no traceback
+    # nothing but the FAILED marker of the run: no results row, no DONE
+    files = [p for p in (work / "results_missing").rglob("*") if p.is_file()]
+    assert [f.name for f in files] == ["FAILED"], files
+    assert json.loads(files[0].read_text())["error"] == "DatasetNotFoundError"
+    assert not (work / "results_missing" / "runs.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

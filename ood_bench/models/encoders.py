@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ood_bench.errors import WeightsNotFoundError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,7 +53,7 @@ LUKEMELAS_FILES = {
 WEIGHTS_CHOICES = ("auto", "none", "<path to a state-dict file>", "<torchvision weights name, e.g. IMAGENET1K_V1>")
 
 
-class EncoderWeightsError(FileNotFoundError):
+class EncoderWeightsError(WeightsNotFoundError):
     """Pretrained encoder weights are neither on disk nor downloadable."""
 
 

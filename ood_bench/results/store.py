@@ -1,24 +1,24 @@
 """Write a run's results: per-sample scores and one summary row, atomically, with a done marker last.
 
-Layout: ``<results_dir>/<method>/<data>/<config_hash>/{scores.csv, summary.csv, config.yaml, DONE}``, plus one
-row appended to ``<results_dir>/runs.csv`` (all runs). A run directory counts as complete only when ``DONE``
-exists; it is built in a temporary directory and renamed into place, so readers never see half a run.
+Layout: ``<results_dir>/<method>/<data>/<config_hash>/{scores.csv, summary.csv, config.yaml, *.png, DONE}``,
+plus one row appended to ``<results_dir>/runs.csv`` (all runs). A run directory counts as complete only when
+``DONE`` exists; it is built in a temporary directory and renamed into place, so readers never see half a run.
+``runs.csv`` is rewritten atomically under a file lock, so parallel jobs never lose or tear a row.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from filelock import FileLock
 
 from ood_bench.metrics import CONVENTION
@@ -53,13 +53,14 @@ RESULT_COLUMNS = [
 TABLE_COLUMNS = ["method", "data", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out", "seconds"]
 
 
-def _csv_text(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in columns})
-    return buf.getvalue()
+def record_frame(record: Mapping[str, Any]) -> pd.DataFrame:
+    """One results row as a one-line frame of strings (``str(value)``, empty for ``None``), columns ordered."""
+    return pd.DataFrame([{k: "" if record[k] is None else str(record[k]) for k in ordered_columns(record)}])
+
+
+def read_csv_text(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A results CSV with every cell as written (strings; empty cells stay empty)."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def ordered_columns(record: Mapping[str, Any]) -> list[str]:
@@ -78,22 +79,34 @@ class RunStore:
         return (self.dir / "DONE").is_file()
 
     def load_record(self) -> dict[str, str]:
-        with open(self.dir / "summary.csv", newline="") as f:
-            return next(csv.DictReader(f))
+        return read_csv_text(self.dir / "summary.csv").iloc[0].to_dict()
 
-    def write(self, record: Mapping[str, Any], per_sample: dict[str, np.ndarray], config_yaml: str) -> Path:
-        """Write scores, summary and config into a temporary folder, mark it DONE, rename it into place."""
+    def figures(self) -> dict[str, Path]:
+        """The run folder's figures, ``{file stem: path}`` (what goes to W&B as images)."""
+        return {p.stem: p for p in sorted(self.dir.glob("*.png"))}
+
+    def write(
+        self,
+        record: Mapping[str, Any],
+        per_sample: dict[str, np.ndarray],
+        config_yaml: str,
+        extra: Callable[[Path], Any] | None = None,
+    ) -> Path:
+        """Write scores, summary and config into a temporary folder, mark it DONE, rename it into place.
+
+        ``extra(folder)`` may add files (figures) to the temporary folder before ``DONE`` is written.
+        """
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.", dir=self.dir.parent))
         try:
             n = {len(v) for v in per_sample.values()}
             if len(n) != 1:
                 raise ValueError(f"per-sample columns differ in length: { {k: len(v) for k, v in per_sample.items()} }")
-            cols = list(per_sample)
-            rows = [dict(zip(cols, vals)) for vals in zip(*(per_sample[c].tolist() for c in cols))]
-            (tmp / "scores.csv").write_text(_csv_text(rows, cols))
-            (tmp / "summary.csv").write_text(_csv_text([record], ordered_columns(record)))
+            pd.DataFrame(per_sample).to_csv(tmp / "scores.csv", index=False, lineterminator="\n")
+            record_frame(record).to_csv(tmp / "summary.csv", index=False, lineterminator="\n")
             (tmp / "config.yaml").write_text(config_yaml)
+            if extra is not None:
+                extra(tmp)
             (tmp / "DONE").write_text(json.dumps({"convention": CONVENTION}) + "\n")
             if self.dir.exists():  # an incomplete or overwritten earlier run
                 shutil.rmtree(self.dir)
@@ -109,32 +122,13 @@ class RunStore:
         """Add the row to ``runs.csv`` (rewritten atomically; columns are the union of all rows)."""
         index = self.results_dir / "runs.csv"
         with FileLock(str(index) + ".lock"):  # parallel sweep jobs append one at a time
-            rows: list[dict[str, Any]] = []
-            if index.is_file():
-                with open(index, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            rows.append(dict(record))
-            cols: list[str] = []
-            for r in rows:
-                cols += [c for c in ordered_columns(r) if c not in cols]
-            atomic_write_text(index, _csv_text(rows, cols))
+            frames = [read_csv_text(index)] if index.is_file() else []
+            rows = pd.concat([*frames, record_frame(record)], ignore_index=True, sort=False).fillna("")
+            atomic_write_text(index, rows.to_csv(index=False, lineterminator="\n"))
 
 
 def format_table(records: list[Mapping[str, Any]], columns: list[str] | None = None) -> str:
-    """Plain-text metrics table with the metric convention printed under it."""
+    """Markdown metrics table (numbers to 4 decimals) with the metric convention printed under it."""
     columns = columns or TABLE_COLUMNS
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        try:
-            return f"{float(v):.4f}" if "." in str(v) else str(v)
-        except ValueError:
-            return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in columns] for r in records]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-    out = [line, "-" * len(line)] + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    out.append(f"convention: {CONVENTION}")
-    return "\n".join(out)
+    frame = pd.DataFrame([{c: r.get(c, "") for c in columns} for r in records], columns=columns)
+    return f"{frame.to_markdown(index=False, floatfmt='.4f')}\nconvention: {CONVENTION}"
