@@ -337,6 +337,10 @@ def test_wandb_offline_run_holds_the_record(mse_run, work):
     col = table["columns"].index("score")
     assert len(table["data"]) == len(scores)
     assert np.allclose([row[col] for row in table["data"]], [float(r["score"]) for r in scores])
+    # the run folder's figures went along as images, byte for byte
+    for stem in ("roc", "score_hist", "lmd_inpainting"):
+        logged = list((run / "files" / "media" / "images").glob(f"{stem}_*.png"))
+        assert len(logged) == 1 and logged[0].read_bytes() == (dirs[0] / f"{stem}.png").read_bytes(), stem
     assert not (wb_env / "wandb").exists() or not list((wb_env / "wandb").glob("offline-run-*"))
 
 

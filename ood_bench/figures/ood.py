@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ood_bench.metrics import CONVENTION, ood_metrics  # noqa: E402
+from ood_bench.metrics import ood_metrics  # noqa: E402
 from ood_bench.utils import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,12 @@ def _split_scores(per_sample: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
 
 
 def roc_figure(s_id: np.ndarray, s_ood: np.ndarray, path: str | os.PathLike[str], title: str = "") -> Path:
-    """ROC curve with OOD as the positive class, the AUROC and the FPR95 operating point."""
+    """ROC curve with OOD as the positive class, the AUROC and the FPR95 operating point, saved to ``path``."""
+    return _save(plot_roc(s_id, s_ood, title), path)
+
+
+def plot_roc(s_id: np.ndarray, s_ood: np.ndarray, title: str = "") -> Figure:
+    """The ROC figure (line 0: the curve as scikit-learn computes it)."""
     y = np.r_[np.zeros(len(s_id)), np.ones(len(s_ood))]
     s = np.r_[s_id, s_ood]
     fpr, tpr, _ = roc_curve(y, s)
@@ -63,11 +68,16 @@ def roc_figure(s_id: np.ndarray, s_ood: np.ndarray, path: str | os.PathLike[str]
     ax.set_title(title or "ROC (OOD = positive)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def score_histogram(s_id: np.ndarray, s_ood: np.ndarray, path: str | os.PathLike[str], title: str = "") -> Path:
-    """ID and OOD score histograms on shared bins (densities, so unequal sizes compare)."""
+    """ID and OOD score histograms on shared bins (densities, so unequal sizes compare), saved to ``path``."""
+    return _save(plot_histogram(s_id, s_ood, title), path)
+
+
+def plot_histogram(s_id: np.ndarray, s_ood: np.ndarray, title: str = "") -> Figure:
+    """The histogram figure (bar containers 0 and 1: ID and OOD)."""
     both = np.r_[s_id, s_ood]
     finite = both[np.isfinite(both)]
     bins = np.histogram_bin_edges(finite, bins="auto") if finite.size else np.linspace(0, 1, 11)
@@ -80,7 +90,7 @@ def score_histogram(s_id: np.ndarray, s_ood: np.ndarray, path: str | os.PathLike
     ax.set(xlabel="score (higher = more OOD)", ylabel="density")
     ax.set_title(title or "score distributions", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def _title(record: Mapping[str, Any] | None) -> str:
@@ -246,7 +256,7 @@ def auroc_vs_cost(points: pd.DataFrame, path: str | os.PathLike[str], cost: str 
     pairs = sorted(points["data"].unique())
     ncols = min(3, max(1, len(pairs)))
     nrows = max(1, -(-len(pairs) // ncols))
-    fig = Figure(figsize=(4.4 * ncols, 3.6 * nrows + 0.5))
+    fig = Figure(figsize=(4.4 * ncols, 3.6 * nrows + 0.5), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     methods = sorted(points["method"].unique())
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
@@ -267,5 +277,9 @@ def auroc_vs_cost(points: pd.DataFrame, path: str | os.PathLike[str], cost: str 
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(pairs) :]:
         ax.set_visible(False)
-    fig.suptitle(f"AUROC vs cost (one point per method and setting; mean ± std over seeds)\n{CONVENTION}", fontsize=7)
+    fig.suptitle(
+        "AUROC vs cost: one point per method and setting, mean ± std over seeds\n"
+        "(AUROC with OOD as the positive class, higher score = more OOD)",
+        fontsize=8,
+    )
     return _save(fig, path)
