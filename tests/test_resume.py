@@ -1,0 +1,125 @@
+"""Resume of a real multirun killed midway (Ctrl-C, then SIGKILL): completed cells are skipped, every cached
+model and LMD batch is reused, only unfinished cells are redone, and the numbers equal an uninterrupted sweep."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, TINY_RUN_OVERRIDES
+from test_run import read_csv, subprocess_env
+
+from ood_bench.cache import verify_manifest
+from ood_bench.runner import run
+
+SEEDS = (0, 1, 2)
+# Tiny LMD on digits; 16 + 16 test images in one batch each, 2 repeats: 4 cached LMD batches per cell.
+SWEEP = [*TINY_RUN_OVERRIDES, "method.distance=mse", "method.steps=25", "figures.enabled=false", "threads=1"]
+
+
+def folders(root: Path) -> list[str]:
+    return [f"paths.{k}_dir={root / k}" for k in ("results", "cache", "log")]
+
+
+def lmd_entries(root: Path) -> dict[str, int]:
+    """Complete LMD batch entries of the cache: name -> mtime."""
+    base = root / "cache" / "lmd_distances"
+    if not base.is_dir():
+        return {}
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in base.iterdir()
+        if not p.name.startswith(".") and (p / "spec.json").is_file()
+    }
+
+
+def done_cells(root: Path) -> dict[str, int]:
+    base = root / "results" / "lmd" / "digits"
+    if not base.is_dir():
+        return {}
+    return {p.name: (p / "DONE").stat().st_mtime_ns for p in base.iterdir() if (p / "DONE").is_file()}
+
+
+def sweep(root: Path, log: Path, kill_when=None, sig=None, timeout: float = 400) -> tuple[int, str]:
+    """``run.py -m seed=0,1,2`` with the tiny settings; ``sig`` is sent once ``kill_when(root)`` holds."""
+    cmd = [sys.executable, "run.py", "-m", *SWEEP, f"seed={','.join(map(str, SEEDS))}", *folders(root)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            if kill_when is not None and kill_when(root):
+                proc.send_signal(sig)
+                kill_when = None
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+                raise TimeoutError(f"sweep did not end in {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.02)
+    return proc.returncode, log.read_text()
+
+
+def scores_by_seed(root: Path) -> dict[int, np.ndarray]:
+    out = {}
+    for row in read_csv(root / "results" / "runs.csv"):
+        scores = read_csv(root / "results" / "lmd" / "digits" / row["config_hash"] / "scores.csv")
+        out[int(row["seed"])] = np.array([float(r["score"]) for r in scores])
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The same three cells run in process, each to completion, in their own folders."""
+    from conftest import CONF_DIR, compose_config
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for seed in SEEDS:
+            cfg = compose_config([*SWEEP, f"seed={seed}"], root)
+            run(cfg)
+    GlobalHydra.instance().clear()
+    return scores_by_seed(root)
+
+
+def test_killed_sweep_resumes_where_it_stopped(tmp_path, uninterrupted):
+    # 1) Ctrl-C while cell 1 is inpainting (cell 0 complete, two of cell 1's four LMD batches cached)
+    code, out1 = sweep(tmp_path, tmp_path / "1.log", lambda r: len(lmd_entries(r)) >= 4 + 2, signal.SIGINT)
+    assert code != 0 and "interrupted" in out1, out1[-3000:]
+    cells, batches = done_cells(tmp_path), lmd_entries(tmp_path)
+    assert len(cells) == 1, "the interrupt should land in cell 1"
+    assert 6 <= len(batches) < 8
+    assert not [p for p in (tmp_path / "cache" / "lmd_distances").iterdir() if p.name.startswith(".")]  # cleaned up
+
+    # 2) rerun: cell 0 skipped, cell 1 resumes from its cached batches; SIGKILL while cell 2 is inpainting
+    code, out2 = sweep(tmp_path, tmp_path / "2.log", lambda r: len(lmd_entries(r)) >= 8 + 1, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert out2.count("are complete") == 1 and "training UNet" not in out2
+    assert out2.count("cache hit: lmd_distances") == len(batches) - 4  # cell 1's batches cached before Ctrl-C
+    assert {k: v for k, v in done_cells(tmp_path).items() if k in cells} == cells  # cell 0 not redone
+    assert len(done_cells(tmp_path)) == 2
+    kept = lmd_entries(tmp_path)
+    assert all(kept[k] == v for k, v in batches.items())  # cached batches were reused, not rewritten
+
+    # 3) rerun to the end: two cells skipped, cell 2 finishes from its cached batch(es)
+    code, out3 = sweep(tmp_path, tmp_path / "3.log")
+    assert code == 0, out3[-3000:]
+    assert out3.count("are complete") == 2 and out3.count("results written to") == 1
+    assert "training UNet" not in out3 and out3.count("cache hit: lmd_distances") == len(kept) - 8  # cell 2's
+    final = lmd_entries(tmp_path)
+    assert len(final) == 3 * 4 and all(final[k] == v for k, v in kept.items())
+    for entry in (tmp_path / "cache").glob("*/*"):
+        if entry.parent.name != ".locks" and not entry.name.startswith("."):
+            assert verify_manifest(entry) is None, entry
+
+    # one row per cell, and the same numbers as the uninterrupted cells
+    rows = read_csv(tmp_path / "results" / "runs.csv")
+    assert sorted(int(r["seed"]) for r in rows) == list(SEEDS)
+    resumed = scores_by_seed(tmp_path)
+    for seed in SEEDS:
+        assert np.array_equal(resumed[seed], uninterrupted[seed]), seed
