@@ -89,6 +89,19 @@ def compose_config(overrides: list[str], tmp_path: Path):
     return cfg
 
 
+def compose_with_hydra(overrides: list[str]):
+    """``config`` composed as ``run.py`` would, with its ``hydra`` node (launcher, sweeper); outputs untouched."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def hydra_conf():
     """Initialise Hydra on ``<repo>/conf``; yields a function ``compose(overrides, tmp_path)``."""

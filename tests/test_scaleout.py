@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR, TINY_RUN_OVERRIDES
+from conftest import CONF_DIR, TINY_RUN_OVERRIDES, compose_with_hydra
 from test_run import read_csv, run_cli
 
 from ood_bench.cache import MANIFEST, ArtifactCache, verify_manifest
@@ -31,24 +31,12 @@ def test_every_launcher_config_is_known():
     assert launcher_choices() == sorted(PLUGINS)
 
 
-def compose_hydra(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize("choice", launcher_choices())
 def test_launcher_config_composes_against_its_plugin(choice):
     module, cls = PLUGINS[choice]
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not installed (pip install -e '.[launchers]')")
-    cfg = compose_hydra([f"hydra/launcher={choice}"])
+    cfg = compose_with_hydra([f"hydra/launcher={choice}"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith(cls)
     if choice == "local_parallel":
@@ -66,7 +54,7 @@ def test_local_cluster_template_composes(tmp_path):
         pytest.skip("hydra-submitit-launcher is not installed")
     (tmp_path / "local").mkdir()
     shutil.copy(CONF_DIR / "local" / "default.yaml.example", tmp_path / "local" / "default.yaml")
-    cfg = compose_hydra([f"hydra.searchpath=[file://{tmp_path}]"])
+    cfg = compose_with_hydra([f"hydra.searchpath=[file://{tmp_path}]"])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.partition == "gpu"
     assert cfg.paths.results_dir == "/shared/projects/ood_bench/results"
     assert cfg.hydra.launcher.setup == ["source /shared/projects/ood_bench/.venv/bin/activate"]

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import CONF_DIR
+from conftest import CONF_DIR, compose_with_hydra
+from omegaconf import OmegaConf
 from PIL import Image
 from test_run import read_csv, run_cli
 
@@ -61,22 +62,9 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def sweep_cells(name: str) -> list[list[str]]:
     """The overrides of every cell of the overlay's sweep (the basic sweeper's cartesian product)."""
-    params = compose([f"experiment={name}"]).hydra.sweeper.params or {}
+    params = compose_with_hydra([f"experiment={name}"]).hydra.sweeper.params or {}
     keys = list(params)
     values = [[v.strip() for v in str(params[k]).split(",")] for k in keys]
     return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*values)]
@@ -145,16 +133,14 @@ def provide_dataset(source_cfg: dict, data_dir: Path, conf_copy: Path) -> None:
 @pytest.mark.parametrize("name", experiments())
 def test_experiment_runs_every_cell(name, tmp_path):
     cells = sweep_cells(name)
-    method = compose([f"experiment={name}"]).method.name
+    method = compose_with_hydra([f"experiment={name}"]).method.name
     conf_copy = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf_copy)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for cell in cells:
-        cfg = compose([f"experiment={name}", *cell])
+        cfg = compose_with_hydra([f"experiment={name}", *cell])
         for side in ("id", "ood"):
-            from omegaconf import OmegaConf
-
             provide_dataset(OmegaConf.to_container(cfg.data[side], resolve=False), data_dir, conf_copy)
 
     args = [
