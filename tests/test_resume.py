@@ -123,3 +123,55 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, uninterrupted):
     resumed = scores_by_seed(tmp_path)
     for seed in SEEDS:
         assert np.array_equal(resumed[seed], uninterrupted[seed]), seed
+
+
+@pytest.mark.slow
+def test_killed_dlsr_sweep_reuses_feature_sets(tmp_path):
+    """DLSR: SIGKILL while cell 1 trains its LFDN; the rerun skips cell 0, reuses the cached feature sets (train,
+    ID test, OOD test) and the numbers equal an uninterrupted sweep of the same cells."""
+    cells = ["method.epochs=30,31"]
+    base = [
+        "debug=default",
+        "method=dlsr",
+        "method.encoder_weights=none",
+        "method.input_size=32",
+        "method.width=64",
+        "method.num_blocks=1",
+        "method.time_embed_dim=16",
+        "data.n_train=null",
+        "figures.enabled=false",
+        "threads=1",
+    ]
+
+    def dlsr_sweep(root: Path, log: str, kill_when=None) -> tuple[int, str]:
+        cmd = [sys.executable, "run.py", "-m", *base, *cells, *folders(root)]
+        with open(root / log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                if kill_when is not None and kill_when((root / log).read_text()):
+                    time.sleep(0.3)
+                    proc.send_signal(signal.SIGKILL)
+                    kill_when = None
+                time.sleep(0.02)
+        return proc.returncode, (root / log).read_text()
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    assert dlsr_sweep(ref, "ref.log")[0] == 0
+    code, _ = dlsr_sweep(tmp_path, "1.log", lambda text: text.count("training LFDN") == 2)
+    assert code == -signal.SIGKILL
+    features = {p.name for p in (tmp_path / "cache" / "features").iterdir() if not p.name.startswith(".")}
+    assert len(features) == 3 and len(done_cells_of(tmp_path, "dlsr")) == 1
+    code, out = dlsr_sweep(tmp_path, "2.log")
+    assert code == 0 and out.count("are complete") == 1
+    assert out.count("features cache hit") == 3 and "extracting features" not in out
+    assert out.count("training LFDN") == 1  # only the killed cell's model
+    for row in read_csv(ref / "results" / "runs.csv"):
+        resumed = read_csv(tmp_path / "results" / "dlsr" / "digits" / row["config_hash"] / "scores.csv")
+        reference = read_csv(ref / "results" / "dlsr" / "digits" / row["config_hash"] / "scores.csv")
+        assert [r["score"] for r in resumed] == [r["score"] for r in reference]
+
+
+def done_cells_of(root: Path, method: str) -> list[Path]:
+    base = root / "results" / method / "digits"
+    return [p for p in base.iterdir() if (p / "DONE").is_file()] if base.is_dir() else []
