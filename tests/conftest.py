@@ -49,6 +49,16 @@ TINY_RUN_OVERRIDES = [
 ]
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (its ``main(argv)`` runs in this process, with this checkout's package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_path(*parts: str) -> Path:
     """A file or folder under $OOD_BENCH_DATA; the calling test is skipped when it is absent."""
     path = DATA_DIR.joinpath(*parts)

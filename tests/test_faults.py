@@ -153,12 +153,13 @@ def test_full_error_keeps_the_user_error_exception(tmp_path, no_hydra, monkeypat
         task_wrapper(task)({})
 
 
-def test_cli_user_error_prints_one_message_and_exits_1(tmp_path):
-    code, out = run_cli(["method.reps=0", *paths(tmp_path)], check=False, timeout=300)
-    assert code == 1
-    assert "ConfigError: method.reps=0 is not valid; use a positive integer" in out
-    assert "Traceback" not in out
-    assert read_failed(next((tmp_path / "log").rglob(FAILED)).parent)["error"] == "ConfigError"
+def test_settings_errors_are_config_errors(hydra_conf, tmp_path):
+    """The runner's settings checks raise ConfigError (a user error): the CLI prints it without a traceback
+    (end to end in test_run.py::test_missing_dataset_fails_with_clear_message for a missing dataset)."""
+    for override, message in (("method.reps=0", r"method\.reps=0"), ("method.name=nope", "not registered")):
+        with pytest.raises(ConfigError, match=message):
+            run(hydra_conf([override, f"paths.data_dir={tmp_path / 'none'}"], tmp_path))
+    assert not (tmp_path / "results").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

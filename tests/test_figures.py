@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import load_script
 from PIL import Image
 from sklearn.metrics import roc_curve
 from test_make_tables import write_run
@@ -65,21 +63,13 @@ def test_lmd_grid_shows_the_inpaintings_that_were_scored(tiny_diffusion, tmp_pat
     assert not np.allclose(recons[0], recons[1])  # the repeats differ (alternating masks, own noise)
 
 
-def test_make_figures_writes_auroc_vs_nfe_and_fills_in_run_figures(tmp_path):
+def test_make_figures_writes_auroc_vs_nfe_and_fills_in_run_figures(tmp_path, caplog):
     results = tmp_path / "results"
     for s in range(2):
         write_run(results, score="mfsim", seed=s, shift=1.5, as_paper=False, n=40)
     write_run(results, score="mse", seed=0, shift=2.0, as_paper=True, n=40)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "scripts/make_figures.py", "--results", str(results)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    caplog.set_level(logging.INFO)
+    assert load_script("make_figures").main(["--results", str(results)]) == 0
     for name in ("auroc_vs_nfe.png", "auroc_vs_seconds.png"):
         with Image.open(results / "figures" / name) as im:
             assert im.format == "PNG"
@@ -88,4 +78,4 @@ def test_make_figures_writes_auroc_vs_nfe_and_fills_in_run_figures(tmp_path):
     assert set(points["nfe_per_image"]) == {4.0}
     runs = list((results / "dlsr" / "cifar10_mnist").iterdir())
     assert all((r / ROC_PNG).is_file() and (r / HIST_PNG).is_file() for r in runs)
-    assert "added to 3 run folders" in proc.stderr
+    assert "added to 3 run folders" in caplog.text

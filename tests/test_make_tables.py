@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO_ROOT, SHARED
+from conftest import REPO_ROOT, SHARED, load_script
 from sklearn.metrics import roc_auc_score
 
 from ood_bench.metrics import CONVENTION, ood_metrics
@@ -23,11 +20,10 @@ from ood_bench.runner import setting_hash
 PAPER_CSV = REPO_ROOT / "docs" / "paper_tables.csv"
 
 
-def make_tables(*args: str) -> subprocess.CompletedProcess:
-    """``python scripts/make_tables.py ARGS`` with this checkout's package first on the path."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [sys.executable, "scripts/make_tables.py", *args]
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+def make_tables(*args: str, capsys) -> tuple[int, str]:
+    """``scripts/make_tables.py ARGS`` in this process: (exit code, stdout)."""
+    code = load_script("make_tables").main(list(args))
+    return code, capsys.readouterr().out
 
 
 def test_paper_numbers_are_the_shared_ones():
@@ -128,15 +124,14 @@ def write_run(results: Path, *, score: str, seed: int, shift: float, as_paper: b
     return record
 
 
-def test_make_tables_ours_paper_delta_seeds_ci_and_protocol(tmp_path):
+def test_make_tables_ours_paper_delta_seeds_ci_and_protocol(tmp_path, capsys):
     results = tmp_path / "results"
     cpu = [write_run(results, score="mfsim", seed=s, shift=1.5, as_paper=False) for s in range(3)]
     paper_like = write_run(results, score="mse", seed=0, shift=2.0, as_paper=True)
     write_run(results, score="lr", seed=0, shift=1.0, as_paper=False)  # Table 1 has no lr row for MNIST
 
-    proc = make_tables("--results", str(results), "--bootstrap", "300")
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    code, out = make_tables("--results", str(results), "--bootstrap", "300", capsys=capsys)
+    assert code == 0
     assert "### DLSR Table1" in out and CONVENTION in out
     files = {p.name for p in (results / "tables").iterdir()}
     assert {"DLSR_Table1.md", "DLSR_Table1.tex", "DLSR_Table1.csv", "ours.md", "ours.csv", "ours.tex"} <= files
@@ -173,9 +168,9 @@ def test_make_tables_ours_paper_delta_seeds_ci_and_protocol(tmp_path):
     assert list(ours["setting"]) == ["lr"]
 
 
-def test_make_tables_without_runs_says_what_to_do(tmp_path):
-    proc = make_tables("--results", str(tmp_path))
-    assert proc.returncode == 1 and "runs.csv not found" in proc.stderr and "python run.py" in proc.stderr
+def test_make_tables_without_runs_says_what_to_do(tmp_path, capsys, caplog):
+    code, _ = make_tables("--results", str(tmp_path), capsys=capsys)
+    assert code == 1 and "runs.csv not found" in caplog.text and "python run.py" in caplog.text
 
 
 def test_build_tables_lists_tables_without_runs(tmp_path):

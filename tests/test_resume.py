@@ -19,7 +19,7 @@ from ood_bench.runner import run
 
 SEEDS = (0, 1, 2)
 # Tiny LMD on digits; 16 + 16 test images in one batch each, 2 repeats: 4 cached LMD batches per cell.
-SWEEP = [*TINY_RUN_OVERRIDES, "method.distance=mse", "method.steps=25", "figures.enabled=false", "threads=1"]
+SWEEP = [*TINY_RUN_OVERRIDES, "method.distance=mse", "method.steps=15", "figures.enabled=false", "threads=1"]
 
 
 def folders(root: Path) -> list[str]:
