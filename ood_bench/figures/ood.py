@@ -270,6 +270,8 @@ def auroc_vs_cost(points: pd.DataFrame, path: str | os.PathLike[str], cost: str 
             for xi, yi, lab in zip(x, grp["auroc_mean"], grp["label"]):
                 ax.annotate(lab, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        low = float((sub["auroc_mean"] - sub["auroc_std"].fillna(0)).min())
+        ax.set_ylim(max(0.0, min(low - 0.02, 0.95)), 1.005)  # AUROC lives in [0, 1]
         ax.set_title(pair, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("AUROC", fontsize=8)

@@ -243,8 +243,8 @@ class Table:
 
     def markdown(self) -> str:
         body = self.display.to_markdown(index=False, disable_numparse=True)
-        notes = "".join(f"\n[{i}] {n}" for i, n in enumerate(self.notes, 1))
-        return f"### {self.title}\n\n{body}\n{notes}\n\nconvention: {CONVENTION}\n"
+        notes = "".join(f"[{i}] {n}\n" for i, n in enumerate(self.notes, 1))
+        return f"### {self.title}\n\n{body}\n\n{notes + chr(10) if notes else ''}convention: {CONVENTION}\n"
 
     def latex(self) -> str:
         """A ``table`` environment (booktabs rules) that compiles with plain pdflatex: text escaped, signs in math."""
