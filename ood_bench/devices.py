@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import tempfile
@@ -29,9 +28,10 @@ _claim: FileLock | None = None  # the GPU lock of the job running in this proces
 
 
 def gpu_lock_dir() -> Path:
-    """Folder of the per-GPU lock files (``$OOD_BENCH_GPU_LOCKS`` or ``<tmp>/ood_bench-gpus-<user>``)."""
+    """Folder of the per-GPU lock files (``$OOD_BENCH_GPU_LOCKS`` or ``<tmp>/ood_bench-gpus-<uid>``)."""
     env = os.environ.get("OOD_BENCH_GPU_LOCKS")
-    return Path(env) if env else Path(tempfile.gettempdir()) / f"ood_bench-gpus-{getpass.getuser()}"
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"ood_bench-gpus-{uid}"
 
 
 def choose_gpu(count: int, preferred: int, lock_dir: Path) -> tuple[int, FileLock | None]:
