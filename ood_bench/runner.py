@@ -134,6 +134,7 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         on_store(store)
     if store.done and not cfg.overwrite:
         record = store.load_record()
+        store.ensure_indexed(record)  # killed between DONE and the runs.csv row: the row is added now
         log.info("results for config %s are complete in %s; skipping (overwrite=true re-runs)", config_hash, store.dir)
         log.info("\n%s", format_table([record]))
         return record

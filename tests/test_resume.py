@@ -175,3 +175,16 @@ def test_killed_dlsr_sweep_reuses_feature_sets(tmp_path):
 def done_cells_of(root: Path, method: str) -> list[Path]:
     base = root / "results" / method / "digits"
     return [p for p in base.iterdir() if (p / "DONE").is_file()] if base.is_dir() else []
+
+
+def test_complete_run_missing_from_runs_csv_gets_its_row(cfg_tiny, caplog):
+    """A process killed after a run folder's DONE but before its runs.csv row: the next call adds the row."""
+    record = run(cfg_tiny)
+    index = Path(cfg_tiny.paths.results_dir) / "runs.csv"
+    index.unlink()
+    again = run(cfg_tiny)  # skipped as complete
+    rows = read_csv(index)
+    assert len(rows) == 1 and rows[0]["config_hash"] == record["config_hash"] == again["config_hash"]
+    assert "missing from" in caplog.text
+    run(cfg_tiny)
+    assert len(read_csv(index)) == 1  # not added twice

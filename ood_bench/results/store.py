@@ -118,6 +118,17 @@ class RunStore:
         log.info("results written to %s", self.dir)
         return self.dir
 
+    def ensure_indexed(self, record: Mapping[str, Any]) -> bool:
+        """Add the row of this complete run to ``runs.csv`` if it is not there (a process killed between ``DONE``
+        and the append leaves a complete run without its row). Returns whether the row was added."""
+        index = self.results_dir / "runs.csv"
+        with FileLock(str(index) + ".lock"):
+            if index.is_file() and str(record["config_hash"]) in set(read_csv_text(index).get("config_hash", [])):
+                return False
+        self._append_index(record)
+        log.warning("run %s was complete but missing from %s: row added", self.dir, index)
+        return True
+
     def _append_index(self, record: Mapping[str, Any]) -> None:
         """Add the row to ``runs.csv`` (rewritten atomically; columns are the union of all rows)."""
         index = self.results_dir / "runs.csv"
