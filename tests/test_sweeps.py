@@ -130,6 +130,17 @@ def provide_dataset(source_cfg: dict, data_dir: Path, conf_copy: Path) -> None:
         pytest.fail(f"no small-data writer for {target}: add one to tests/test_sweeps.py")
 
 
+def dataset_sources(node) -> list[dict]:
+    """Every dataset source config (a node with ``_target_``) in a composed ``data`` config, whatever its layout."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            return [node]
+        return [s for v in node.values() for s in dataset_sources(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in dataset_sources(v)]
+    return []
+
+
 @pytest.mark.parametrize("name", experiments())
 def test_experiment_runs_every_cell(name, tmp_path):
     cells = sweep_cells(name)
@@ -139,9 +150,9 @@ def test_experiment_runs_every_cell(name, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     for cell in cells:
-        cfg = compose_with_hydra([f"experiment={name}", *cell])
-        for side in ("id", "ood"):
-            provide_dataset(OmegaConf.to_container(cfg.data[side], resolve=False), data_dir, conf_copy)
+        data_cfg = OmegaConf.to_container(compose_with_hydra([f"experiment={name}", *cell]).data, resolve=False)
+        for source in dataset_sources(data_cfg):
+            provide_dataset(source, data_dir, conf_copy)
 
     args = [
         "-cp",
