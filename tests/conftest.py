@@ -49,6 +49,16 @@ TINY_RUN_OVERRIDES = [
 ]
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (its ``main(argv)`` runs in this process, with this checkout's package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def shared_path(*parts: str) -> Path:
     """A file or folder under $OOD_BENCH_DATA; the calling test is skipped when it is absent."""
     path = DATA_DIR.joinpath(*parts)
@@ -87,6 +97,19 @@ def compose_config(overrides: list[str], tmp_path: Path):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def compose_with_hydra(overrides: list[str]):
+    """``config`` composed as ``run.py`` would, with its ``hydra`` node (launcher, sweeper); outputs untouched."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 @pytest.fixture

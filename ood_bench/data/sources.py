@@ -18,15 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from ood_bench.errors import BadImageError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+BAD_FILE_POLICIES = ("fail", "skip")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingFileError):
     """A dataset is not where the configuration says it is."""
 
 
@@ -58,6 +61,10 @@ class Source(ABC):
     @abstractmethod
     def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
         """uint8 ``[len(indices), C, H, W]`` images of the given samples."""
+
+    def load(self, split: str, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """The images of ``indices`` and the indices actually returned (a source may skip undecodable files)."""
+        return self.images(split, indices), np.asarray(indices, dtype=np.int64)
 
     def describe(self) -> dict:
         return {"name": self.name, "type": type(self).__name__}
@@ -170,6 +177,9 @@ class ImageFolderSource(Source):
     ``<root>/<folder>/<class>/*`` (then a seeded split makes train/test; ``test_fraction=1`` makes it test-only,
     the usual case for an OOD set). A folder holding images directly is one class (label 0). Classes are sorted
     alphabetically, as in torchvision.
+
+    A file that cannot be decoded fails with the dataset's name and the file (``on_bad_file="fail"``), or is
+    skipped (``"skip"``): ``load`` then returns the decodable samples and ``skipped`` lists the files left out.
     """
 
     def __init__(
@@ -180,9 +190,14 @@ class ImageFolderSource(Source):
         test_fraction: float = 1.0,
         split_seed: int = 0,
         hint: str = "",
+        on_bad_file: str = "fail",
     ) -> None:
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"on_bad_file={on_bad_file!r} is not valid; valid: {list(BAD_FILE_POLICIES)}")
         self.name, self.folder, self.root = name, folder, Path(root)
         self.test_fraction, self.split_seed, self.hint = test_fraction, split_seed, hint
+        self.on_bad_file = on_bad_file
+        self.skipped: list[Path] = []
         self._index: dict[str, tuple[list[Path], np.ndarray]] = {}
 
     @property
@@ -230,16 +245,40 @@ class ImageFolderSource(Source):
     def labels(self, split: str) -> np.ndarray:
         return self._get(split)[1]
 
-    def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+    def _decode(self, file: Path) -> np.ndarray:
+        try:
+            with Image.open(file) as im:
+                return np.asarray(im.convert("L") if im.mode in ("L", "I;16", "1") else im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise BadImageError(
+                f"{self.name}: cannot decode {file} ({type(err).__name__}: {err}). Delete or replace the file, or "
+                f"skip undecodable files with data.id.on_bad_file=skip / data.ood.on_bad_file=skip (the side that "
+                f"reads {self.name}); skipped files are counted in the results row (id_files_skipped, "
+                f"ood_files_skipped)."
+            ) from err
+
+    def load(self, split: str, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
         files = self._get(split)[0]
-        arrays = []
+        arrays, kept = [], []
         for i in indices:
-            with Image.open(files[int(i)]) as im:
-                arrays.append(np.asarray(im.convert("L") if im.mode in ("L", "I;16", "1") else im.convert("RGB")))
+            try:
+                arrays.append(self._decode(files[int(i)]))
+            except BadImageError as err:
+                if self.on_bad_file == "fail":
+                    raise
+                log.warning("%s: skipping undecodable file %s (%s)", self.name, files[int(i)], err.__cause__)
+                self.skipped.append(files[int(i)])
+                continue
+            kept.append(int(i))
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(f"{self.name}: images differ in size/channels {sorted(shapes)[:3]}; resize them first")
-        return _to_nchw_uint8(np.stack(arrays)) if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+            raise DataError(f"{self.name}: images differ in size/channels {sorted(shapes)[:3]}; resize them first")
+        images = _to_nchw_uint8(np.stack(arrays)) if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        return images, np.asarray(kept, dtype=np.int64)
+
+    def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+        """The decoded images (with ``on_bad_file="skip"`` possibly fewer than ``indices``: see ``load``)."""
+        return self.load(split, indices)[0]
 
 
 class NpzSource(ArraySource):

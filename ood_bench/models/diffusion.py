@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.errors import WeightsNotFoundError
 from ood_bench.utils import atomic_path, tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
     try:
         unet = UNet2DModel.from_pretrained(str(local) if local.is_dir() else ref, subfolder=sub)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"model.pretrained={ref!r} could not be loaded ({err}). Give a local folder holding a diffusers "
             f"UNet2DModel (config.json + weights), or a Hugging Face hub id with internet access. Offline: "
             f"`huggingface-cli download {ref} --local-dir <dir>` on a machine with internet, copy <dir> here, "

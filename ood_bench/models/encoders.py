@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ood_bench.errors import WeightsNotFoundError
 from ood_bench.utils import file_sha256
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ LUKEMELAS_FILES = {
 WEIGHTS_CHOICES = ("auto", "none", "<path to a state-dict file>", "<torchvision weights name, e.g. IMAGENET1K_V1>")
 
 
-class EncoderWeightsError(FileNotFoundError):
+class EncoderWeightsError(WeightsNotFoundError):
     """Pretrained encoder weights are neither on disk nor downloadable."""
 
 
