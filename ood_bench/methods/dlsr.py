@@ -111,7 +111,7 @@ class DLSR(Method):
         score: str = "mfsim",
         lr_noise: str = "independent",
         amp: str = "none",
-        mfsim_skip_first: bool = False,
+        mfsim_skip_first: bool = True,
         mse_reduction: str = "sum",
         batch_size: int = 256,
         weights_dir: str | None = None,
