@@ -164,3 +164,39 @@ def tiny_diffusion():
         unet = UNet2DModel(**tiny_unet_kwargs(sample_size=8, channels=1)).eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     return DiffusionModel(unet, dict(sched.config), "test:random")
+
+
+# The DLSR paper's encoder file (lukemelas' release); not downloadable here, so tests write one of the same shapes.
+EFFICIENTNET_B4_FILE = "efficientnet-b4-6ed6700e.pth"
+
+
+def random_efficientnet_b4_state(seed: int = 0) -> dict:
+    """A state dict with the shapes of lukemelas' EfficientNet-B4 checkpoint: random weights and BN statistics."""
+    import torch
+    from efficientnet_pytorch import EfficientNet
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in EfficientNet.from_name("efficientnet-b4").state_dict().items():
+        if key.endswith("running_var"):
+            value = torch.rand(value.shape, generator=g) + 0.5
+        elif key.endswith("running_mean"):
+            value = torch.randn(value.shape, generator=g) * 0.1
+        elif value.is_floating_point():
+            scale = float(value.std()) if value.numel() > 1 and float(value.std()) > 0 else 0.1
+            value = torch.randn(value.shape, generator=g) * scale
+        state[key] = value
+    return state
+
+
+@pytest.fixture(scope="session")
+def weights_dir_with_b4(tmp_path_factory) -> Path:
+    """A weights folder: the offline weights (linked) plus an EfficientNet-B4 file of the paper's name and shapes."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("weights_b4")
+    if WEIGHTS_DIR.is_dir():
+        for f in WEIGHTS_DIR.iterdir():
+            (folder / f.name).symlink_to(f.resolve())
+    torch.save(random_efficientnet_b4_state(), folder / EFFICIENTNET_B4_FILE)
+    return folder

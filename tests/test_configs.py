@@ -173,11 +173,12 @@ def test_logger_config_composes(hydra_conf, tmp_path, choice):
 
 
 @pytest.mark.parametrize("choice", choices("experiment"))
-def test_experiment_config_composes(hydra_conf, tmp_path, choice):
-    """An experiment composes, its method builds, and every choice its sweep lists exists and composes."""
+def test_experiment_config_composes(hydra_conf, tmp_path, choice, weights_dir_with_b4):
+    """An experiment composes, its method builds (the paper-size DLSR encoder from a B4 file of the right shapes
+    written by the test), and every choice its sweep lists exists and composes."""
     from hydra import compose
 
-    cfg = hydra_conf([f"experiment={choice}"], tmp_path)
+    cfg = hydra_conf([f"experiment={choice}", f"paths.weights_dir={weights_dir_with_b4}"], tmp_path)
     check_common(cfg)
     full = compose(config_name="config", overrides=[f"experiment={choice}"], return_hydra_config=True)
     params = OmegaConf.to_container(full.hydra.sweeper.params) or {}
@@ -355,3 +356,17 @@ def test_missing_anomaly_data_names_layout_and_download(hydra_conf, tmp_path):
     assert "train/good" in msg and "ground_truth/<defect>/<stem>_mask.png" in msg
     assert DOWNLOADS["mvtec_ad"].url in msg and "data.download=true" in msg
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("choice", [c for c in choices("experiment") if c.startswith("lmd_") and c != "lmd_cpu"])
+def test_lmd_paper_experiments_run_the_official_sampler_forms(hydra_conf, tmp_path, choice):
+    """Paper-table LMD configs: no clipping; GPU-sized ones the official 1000-step budget on full test sets;
+    Table 1 the official 3-channel 32 px form of the MNIST-family images (recon.py)."""
+    pair = "fashionmnist_kmnist" if choice in ("lmd_table1", "lmd_table1_cpu") else None
+    cfg = hydra_conf([f"experiment={choice}", *([f"data={pair}"] if pair else [])], tmp_path)
+    assert cfg.method.clip is False
+    if not choice.endswith("_cpu"):
+        assert (cfg.method.sampler, cfg.method.steps, cfg.method.reps) == ("ddpm", 1000, 10)
+        assert cfg.data.n_id_test is None and cfg.data.n_ood_test is None
+    if pair:
+        assert (cfg.data.name, cfg.data.channels, cfg.data.image_size) == (pair, 3, 32)

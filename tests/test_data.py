@@ -392,6 +392,19 @@ def test_resize_protocol_common_min_passes_through_smallest_side(mnist, npz32):
     assert tuple(common.id_test.images.shape) == (8, 1, 32, 32)
 
 
+def test_resize_protocol_native_keeps_each_side_at_its_own_size(mnist, npz32):
+    """``native`` (DLSR tables): no resize in the data layer, so the encoder takes each raw image straight to 224 px
+    (the paper's Resize([224, 224])) instead of through data.image_size first."""
+    src32, _, x_test = npz32
+    kw = dict(image_size=224, channels=3, n_train=8, n_id_test=8, n_ood_test=None, seed=0)
+    pair = build_pair("m_vs_32", mnist, src32, resize_protocol="native", **kw)
+    assert pair.meta["resize_via"] is None and pair.meta["native_sizes"] == [28, 32]
+    assert tuple(pair.id_test.images.shape) == (8, 3, 28, 28) and tuple(pair.ood_test.images.shape[1:]) == (3, 32, 32)
+    raw = torch.from_numpy(x_test).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    assert torch.equal(pair.ood_test.images, raw)  # untouched pixels
+    assert torch.equal(pair.id_test.images[:, :1], mnist.images("test", pair.id_test.indices).float().div(255))
+
+
 def test_channel_conversion_grey_to_rgb(mnist):
     pair = build_pair("m3", mnist, mnist, image_size=28, channels=3, n_train=4, n_id_test=4, n_ood_test=4)
     x = pair.id_test.images

@@ -123,14 +123,14 @@ def build_pair(
         "files_skipped": {"id": skipped["id_train"] + skipped["id_test"], "ood": skipped["ood_test"]},
         "fingerprint": {k: tensor_fingerprint(s.images) for k, s in splits.items()},
     }
+    sizes = {k: tuple(s.images.shape[-2:]) for k, s in splits.items()}
     log.info(
-        "pair %s: %d ID train, %d ID test, %d OOD test at %dx%d (%d ch, via %d, protocol %s)",
+        "pair %s: %d ID train, %d ID test, %d OOD test, sizes %s (%d ch, via %s, protocol %s)",
         name,
         meta["n_train"],
         meta["n_id"],
         meta["n_ood"],
-        image_size,
-        image_size,
+        sorted(set(sizes.values())),
         channels,
         via,
         resize_protocol,

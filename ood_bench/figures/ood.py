@@ -127,17 +127,14 @@ def lmd_inpaintings(lmd: Any, images: torch.Tensor, indices: np.ndarray, ctx: An
     the grid shows the inpaintings that were scored. Returns ``(masks [reps] of [H,W], inpaintings [reps] of
     [N,C,H,W] in [0,1])``.
     """
-    from ood_bench.samplers import inpaint, lmd_mask
-    from ood_bench.utils import sample_generators
+    from ood_bench.samplers import lmd_mask
 
     x = images.to(ctx.device)
     masks, recons = [], []
     for r in range(lmd.reps):
         mask = lmd_mask(lmd.mask, x.shape[-1], lmd.num_blocks, r)
-        gens = sample_generators(ctx.seed, indices, r)
-        recon = inpaint(lmd.model, x * 2 - 1, mask, gens, sampler=lmd.sampler, steps=lmd.steps, eta=lmd.eta)
         masks.append(mask.cpu())
-        recons.append(((recon + 1) / 2).clamp(0, 1).cpu())
+        recons.append(lmd.reconstruct(x, indices, mask, r, ctx.seed).clamp(0, 1).cpu())
     return masks, recons
 
 
