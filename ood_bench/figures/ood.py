@@ -125,7 +125,7 @@ def lmd_inpaintings(lmd: Any, images: torch.Tensor, indices: np.ndarray, ctx: An
 
     Same model, masks, sampler and per-sample generators (keyed by sample index and repeat) as the scoring, so
     the grid shows the inpaintings that were scored. Returns ``(masks [reps] of [H,W], inpaintings [reps] of
-    [N,C,H,W] in [0,1])``.
+    [N,C,H,W])``, nominally in [0,1] (without clipping the sampler may overshoot; the grid clamps for display).
     """
     from ood_bench.samplers import lmd_mask
 
@@ -134,7 +134,7 @@ def lmd_inpaintings(lmd: Any, images: torch.Tensor, indices: np.ndarray, ctx: An
     for r in range(lmd.reps):
         mask = lmd_mask(lmd.mask, x.shape[-1], lmd.num_blocks, r)
         masks.append(mask.cpu())
-        recons.append(lmd.reconstruct(x, indices, mask, r, ctx.seed).clamp(0, 1).cpu())
+        recons.append(lmd.reconstruct(x, indices, mask, r, ctx.seed).cpu())
     return masks, recons
 
 
@@ -166,7 +166,7 @@ def lmd_inpainting_grid(
         row = [x]
         for mask, recon in zip(masks, recons):
             m = mask.to(x.dtype).expand_as(x)
-            row += [x * m + 0.5 * (1 - m), recon[j]]
+            row += [x * m + 0.5 * (1 - m), recon[j].clamp(0, 1)]  # unclipped samplers may overshoot
         tiles.append(row)
     lookup: dict[tuple[str, int], float] = {}
     if scores is not None:
