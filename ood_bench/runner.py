@@ -20,6 +20,7 @@ from ood_bench.logging import log_to_wandb
 from ood_bench.logging.wandb_logger import WANDB_MODES
 from ood_bench.methods import Context, build_method
 from ood_bench.metrics import ood_metrics
+from ood_bench.models.classifier import validate_classifier_cfg
 from ood_bench.models.diffusion import validate_model_cfg
 from ood_bench.results import RunStore, format_table
 from ood_bench.utils import git_commit, resolve_device, stable_hash
@@ -92,6 +93,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         validate_model_cfg(model_cfg)
     method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
     identity = config_identity(cfg, method_cfg, method.uses_image_model, set(method.runtime_keys))
+    classifier_cfg = None
+    if method.uses_classifier:  # only then: the config hashes of the other methods stay as they were
+        classifier_cfg = OmegaConf.to_container(cfg.classifier, resolve=True)
+        validate_classifier_cfg(classifier_cfg)
+        identity["classifier"] = classifier_cfg
     config_hash = stable_hash(identity)
     store = RunStore(cfg.paths.results_dir, method.name, cfg.data.name, config_hash)
     if store.done and not cfg.overwrite:
@@ -110,6 +116,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model_cfg=model_cfg,
         data_meta=pair.meta,
         progress=cfg.progress,
+        classifier_cfg=classifier_cfg,
     )
     t0 = time.perf_counter()
     method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
