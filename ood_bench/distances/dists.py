@@ -45,7 +45,7 @@ def build_piq_dists(weights_dir: str | Path | None) -> tuple[torch.nn.Module, st
         raise FileNotFoundError(f"DISTS needs the ImageNet VGG16 features: {err}") from err
     vgg = torchvision.models.vgg16(weights=None).features
     vgg.load_state_dict(state, strict=True)
-    weights = list(torch.split(ab["alpha"], list(CHANNELS), dim=1)) + list(torch.split(ab["beta"], list(CHANNELS), dim=1))
+    weights = [*torch.split(ab["alpha"], list(CHANNELS), dim=1), *torch.split(ab["beta"], list(CHANNELS), dim=1)]
     metric = piq.DISTS.__new__(piq.DISTS)
     # piq.DISTS.__init__ would download; its parent's does the same set-up with the module we give it
     ContentLoss.__init__(
