@@ -141,3 +141,29 @@ def tiny_diffusion():
         unet = UNet2DModel(**tiny_unet_kwargs(sample_size=8, channels=1)).eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     return DiffusionModel(unet, dict(sched.config), "test:random")
+
+
+def small_cnn_cfg(steps: int = 40) -> dict:
+    """Settings of a width-8 small CNN classifier that trains in about a second on 8-px digits."""
+    train = {"steps": steps, "batch_size": 32, "lr": 0.01, "weight_decay": 0.0, "shift": 1, "hflip": False, "seed": 0}
+    return {
+        "name": "small_cnn",
+        "kind": "small_cnn",
+        "width": 8,
+        "mean": None,
+        "std": None,
+        "input_size": None,
+        "cam_layer": "features.-1",
+        "train": train,
+    }
+
+
+def sklearn_digits(classes: tuple[int, ...] = (0, 1)):
+    """The 8x8 sklearn digits of ``classes`` as float ``[N, 1, 8, 8]`` in ``[0, 1]`` and their labels."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, classes)
+    return torch.tensor(d.images[keep] / 16.0, dtype=torch.float32)[:, None], d.target[keep]

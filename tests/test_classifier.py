@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path, shared_weight
+from conftest import shared_path, shared_weight, sklearn_digits, small_cnn_cfg
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.methods import Context, build_method
@@ -33,36 +33,11 @@ CIFAR_RESNET20 = {
 }
 
 
-def small_cnn_cfg(steps: int = 40) -> dict:
-    return {
-        "name": "small_cnn",
-        "kind": "small_cnn",
-        "width": 8,
-        "mean": None,
-        "std": None,
-        "input_size": None,
-        "cam_layer": "features.-1",
-        "train": {
-            "steps": steps,
-            "batch_size": 32,
-            "lr": 0.01,
-            "weight_decay": 0.0,
-            "shift": 1,
-            "hflip": False,
-            "seed": 0,
-        },
-    }
-
-
 def digits(classes: tuple[int, ...] = (0, 1), size: int = 8) -> tuple[torch.Tensor, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    keep = np.isin(d.target, classes)
-    x = torch.tensor(d.images[keep] / 16.0, dtype=torch.float32)[:, None]
+    x, y = sklearn_digits(classes)
     if size != 8:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x, d.target[keep]
+    return x, y
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Methods: one file each, registered by name."""
 
-from ood_bench.methods import classifier_scores, dlsr, lmd  # noqa: F401  (registration side effects)
+from ood_bench.methods import classifier_scores, diffguard, dlsr, lmd  # noqa: F401  (registration side effects)
 from ood_bench.methods.base import METHODS, Context, Method, Scores, build_method, get_method, register
 
 __all__ = ["METHODS", "Context", "Method", "Scores", "build_method", "get_method", "register"]
