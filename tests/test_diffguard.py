@@ -386,3 +386,46 @@ def test_steps_must_divide_the_schedule_before_data_is_read() -> None:
     dg = build_method({"name": "diffguard", "steps": 30, "inversion_steps": 10})
     with pytest.raises(ValueError, match=r"method.steps=30.*num_train_timesteps=1000"):
         dg.check(16, 1, tiny_model_cfg(5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end through run.py
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_DIFFGUARD = [
+    "method=diffguard",
+    "debug=default",
+    "model.unet.block_out_channels=[8,16]",
+    "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+    "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+    "model.unet.norm_num_groups=4",
+    "model.unet.attention_head_dim=8",
+    "model.train.steps=5",
+    "model.train.batch_size=8",
+    "classifier.width=8",
+    "classifier.train.steps=10",
+    "method.steps=10",
+    "method.inversion_steps=3",
+]
+
+
+def test_run_py_diffguard_writes_the_record(tmp_path) -> None:
+    import csv
+
+    from test_run import run_cli
+
+    paths = [f"paths.results_dir={tmp_path / 'results'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    _, out = run_cli([*TINY_DIFFGUARD, *paths, f"paths.log_dir={tmp_path / 'logs'}"])
+    assert "training small CNN" in out and "training UNet" in out
+    (run_dir,) = (tmp_path / "results" / "diffguard" / "digits").iterdir()
+    with open(run_dir / "summary.csv", newline="") as f:
+        rec = next(csv.DictReader(f))
+    assert rec["method.guidance"] == "cfg" and rec["method.classifier"] == "small_cnn"
+    assert 0.0 <= float(rec["method.classifier_acc"]) <= 1.0
+    assert int(rec["method.inversion_steps"]) == 3 and float(rec["method.mean_depth_id"]) == 3.0
+    assert float(rec["nfe_per_image"]) == 3 + 2 * 3 and float(rec["images_per_s"]) > 0
+    assert rec["method.oracle"] == "False" and rec["method.distance_used"] == "logit_l1"
+    with open(run_dir / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 32 and {"depth", "pred", "label_used", "dg_distance"} <= set(rows[0])
+    assert all(r["score"] == r["dg_distance"] for r in rows)
