@@ -35,7 +35,7 @@ WEIGHTS_DIR = Path(os.environ["OOD_BENCH_WEIGHTS"])
 
 # Settings that make a full run tiny on a 2-core CPU: a ~20 k parameter UNet without attention in the
 # down/up path, a handful of training steps and a short sampler (the `cfg_tiny` fixture: in-process runs).
-TINY_RUN_OVERRIDES = [
+TINY_MODEL_OVERRIDES = [
     "debug=default",
     "model.unet.block_out_channels=[8,16]",
     "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
@@ -44,9 +44,8 @@ TINY_RUN_OVERRIDES = [
     "model.unet.attention_head_dim=8",
     "model.train.steps=5",
     "model.train.batch_size=8",
-    "method.reps=2",
-    "method.steps=4",
 ]
+TINY_RUN_OVERRIDES = [*TINY_MODEL_OVERRIDES, "method.reps=2", "method.steps=4"]
 
 
 def shared_path(*parts: str) -> Path:

@@ -51,3 +51,23 @@ def test_dlsr_fashionmnist_vs_mnist_reaches_auroc_097(tmp_path: Path, score: str
     row = _run(tmp_path, ["method=dlsr", "data=fashionmnist_mnist", f"method.score={score}"], minutes=10)
     assert row["method.encoder"] == "alexnet" and "alexnet_features_imagenet.pth" in row["method.encoder_weights"]
     assert float(row["auroc"]) >= 0.97
+
+
+def test_diffguard_digits_reaches_auroc_090(tmp_path: Path) -> None:
+    row = _run(tmp_path, ["method=diffguard", "data=digits"], minutes=15)
+    assert (row["method.guidance"], row["method.distance_used"]) == ("cfg", "logit_l1")
+    assert float(row["method.classifier_acc"]) >= 0.95
+    assert float(row["auroc"]) >= 0.90
+
+
+def test_diffguard_fashionmnist_vs_mnist_within_30_minutes(tmp_path: Path) -> None:
+    shared_path("FashionMNIST", "raw")
+    row = _run(tmp_path, ["method=diffguard", "data=fashionmnist_mnist"], minutes=30)
+    assert float(row["auroc"]) >= 0.5 and float(row["method.classifier_acc"]) >= 0.8
+
+
+def test_diffguard_cifar10_textures_with_the_shared_resnet(tmp_path: Path) -> None:
+    shared_path("cifar10-jpeg")
+    shared_weight("cifar10_resnet20-12fca82f.th")
+    row = _run(tmp_path, ["method=diffguard", "data=cifar10_textures", "classifier=resnet20_cifar10"], minutes=30)
+    assert row["method.classifier"] == "resnet20_cifar10" and float(row["method.classifier_acc"]) >= 0.75

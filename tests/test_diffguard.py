@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL_OVERRIDES, small_cnn_cfg, tiny_unet_kwargs
 from conftest import sklearn_digits as digits
-from conftest import small_cnn_cfg, tiny_unet_kwargs
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, UNet2DModel
+from test_cache_results import tiny_model_cfg as base_model_cfg
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.methods import Context, build_method
@@ -23,33 +24,10 @@ SCHED = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_sta
 
 
 def tiny_model_cfg(steps: int, conditioning: dict | None = None) -> dict:
-    cfg = {
-        "sample_size": 8,
-        "channels": 1,
-        "unet": {
-            "block_out_channels": [16, 32],
-            "layers_per_block": 1,
-            "down_block_types": ["DownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "UpBlock2D"],
-            "norm_num_groups": 4,
-            "attention_head_dim": 8,
-            "dropout": 0.0,
-        },
-        "scheduler": dict(SCHED.config),
-        "train": {
-            "steps": steps,
-            "batch_size": 32,
-            "lr": 2e-3,
-            "warmup_steps": 20,
-            "weight_decay": 0.0,
-            "ema_decay": 0.99,
-            "hflip": False,
-            "grad_clip": 1.0,
-            "seed": 0,
-        },
-    }
-    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
-    cfg["scheduler"] = {k: cfg["scheduler"][k] for k in keys}
+    """test_cache_results' tiny model, a little wider, on the 1000-step schedule, trained for ``steps`` steps."""
+    cfg = base_model_cfg(steps=steps, batch_size=32, lr=2e-3, warmup_steps=20, ema_decay=0.99)
+    cfg["unet"]["block_out_channels"] = [16, 32]
+    cfg["scheduler"]["num_train_timesteps"] = 1000
     if conditioning:
         cfg["conditioning"] = conditioning
     return cfg
@@ -394,14 +372,7 @@ def test_steps_must_divide_the_schedule_before_data_is_read() -> None:
 
 TINY_DIFFGUARD = [
     "method=diffguard",
-    "debug=default",
-    "model.unet.block_out_channels=[8,16]",
-    "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
-    "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
-    "model.unet.norm_num_groups=4",
-    "model.unet.attention_head_dim=8",
-    "model.train.steps=5",
-    "model.train.batch_size=8",
+    *TINY_MODEL_OVERRIDES,
     "classifier.width=8",
     "classifier.train.steps=10",
     "method.steps=10",
