@@ -63,7 +63,7 @@ def test_diffguard_digits_reaches_auroc_090(tmp_path: Path) -> None:
 def test_diffguard_fashionmnist_vs_mnist_within_30_minutes(tmp_path: Path) -> None:
     shared_path("FashionMNIST", "raw")
     row = _run(tmp_path, ["method=diffguard", "data=fashionmnist_mnist"], minutes=30)
-    assert float(row["auroc"]) >= 0.5 and float(row["method.classifier_acc"]) >= 0.8
+    assert float(row["auroc"]) >= 0.6 and float(row["method.classifier_acc"]) >= 0.8  # measured 0.694, acc 0.86
 
 
 def test_diffguard_cifar10_textures_with_the_shared_resnet(tmp_path: Path) -> None:
