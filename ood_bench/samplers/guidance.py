@@ -125,7 +125,7 @@ class ClassifierGuidance:
                 img = cutouts(img, self.n_cutouts, self.cutout_min_frac, size, gens)
             logits = self.classifier(img)
             y = self.labels[rows.to(self.labels.device)].repeat(max(1, self.n_cutouts)).to(logits.device)
-            selected = torch.log_softmax(logits, dim=-1)[torch.arange(len(logits)), y]
+            selected = torch.log_softmax(logits, dim=-1)[torch.arange(len(logits), device=logits.device), y]
             grad = torch.autograd.grad(selected.sum(), x_in)[0]
         self.classifier_passes += len(logits)
         return grad * self.scale
