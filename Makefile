@@ -5,7 +5,7 @@ export OOD_BENCH_DATA ?= $(abspath ../shared/data)
 export OOD_BENCH_WEIGHTS ?= $(abspath ../shared/weights)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-full lint format clean clean-logs
+.PHONY: help install run test test-full lint format clean clean-logs tables figures
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -18,6 +18,12 @@ install: ## Create .venv and install the package with its dev extra (CPU or GPU 
 
 run: ## Run the embedded default (LMD on sklearn digits); pass ARGS="method=lmd data=..." for more
 	$(PY) run.py $(ARGS)
+
+tables: ## Paper tables from results/runs.csv: ours, the paper's number, delta (Markdown, LaTeX, CSV in results/tables)
+	PYTHONPATH=$(CURDIR) $(PY) scripts/make_tables.py $(ARGS)
+
+figures: ## AUROC against NFE and seconds per image across runs (results/figures), missing per-run ROC figures
+	PYTHONPATH=$(CURDIR) $(PY) scripts/make_figures.py $(ARGS)
 
 test: ## Default test suite (excludes tests marked slow)
 	$(PY) -m pytest -m "not slow" -q

@@ -6,8 +6,10 @@ task layer (``ood_bench/tasks/``) that owns the data loading, the fit/score prot
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.devices import claim_device, hydra_job_num
+from ood_bench.errors import ConfigError, config_errors
 from ood_bench.logging import log_to_wandb
 from ood_bench.logging.wandb_logger import WANDB_MODES
 from ood_bench.methods import METHODS, Context, Method, build_method
+from ood_bench.models.classifier import validate_classifier_cfg
 from ood_bench.models.diffusion import validate_model_cfg
 from ood_bench.results import RunStore
 from ood_bench.tasks import Task, get_task
-from ood_bench.utils import git_commit, resolve_device, stable_hash
+from ood_bench.utils import git_commit, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +63,35 @@ def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: boo
     }
 
 
+# The seeds in a run's identity: runs that differ only in these are replicates of one setting (mean ± std).
+SEED_KEYS = (
+    ("seed",),
+    ("data", "seed"),
+    ("model", "train", "seed"),
+    ("method", "train_seed"),
+    ("classifier", "train", "seed"),
+)
+
+
+def setting_hash(identity: dict[str, Any]) -> str:
+    """The config hash with every seed (``SEED_KEYS``) left out: the same for all replicates of a setting."""
+    ident = copy.deepcopy(identity)
+    for *parents, key in SEED_KEYS:
+        node = ident
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key in node:
+            node[key] = None
+    return stable_hash(ident)
+
+
 def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float:
     """The value a Hydra sweeper optimises: ``optimized_metric``, or the task's headline metric when null."""
-    return float(record[cfg.get("optimized_metric") or get_task(cfg.data).metrics[0]])
+    key = cfg.get("optimized_metric") or get_task(cfg.data).metrics[0]
+    if key not in record:
+        numeric = [k for k, v in record.items() if isinstance(v, float)]
+        raise ConfigError(f"optimized_metric={key!r} is not in the results row; valid: {numeric}")
+    return float(record[key])
 
 
 def check_task(task: Task, method: Method, data_name: str) -> None:
@@ -73,26 +104,40 @@ def check_task(task: Task, method: Method, data_name: str) -> None:
         )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run one (data, method, model) cell and return its results record."""
-    validate(cfg)
-    task = get_task(cfg.data)
-    device = resolve_device(cfg.device)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
-    method = build_method(method_cfg)
-    check_task(task, method, cfg.data.name)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.update(sample_size=cfg.data.image_size, channels=cfg.data.channels)
-    if method.uses_image_model:
-        validate_model_cfg(model_cfg)
-    method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
+def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> dict[str, Any]:
+    """Run one (data, method, model) cell and return its results record.
+
+    ``on_store`` is called with the run's ``RunStore`` once the config hash is known (the entry point uses it
+    to leave a FAILED marker in the run folder when the run fails).
+    """
+    with config_errors():  # errors up to here are the user's: bad settings, found before any data is read
+        validate(cfg)
+        task = get_task(cfg.data)
+        device = claim_device(cfg.device, job_num=hydra_job_num())
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+        method = build_method(method_cfg)
+        check_task(task, method, cfg.data.name)
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg.update(sample_size=cfg.data.image_size, channels=cfg.data.channels)
+        if method.uses_image_model:
+            validate_model_cfg(model_cfg)
+        method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
+        classifier_cfg = None
+        if method.uses_classifier:  # only then: the config hashes of the other methods stay as they were
+            classifier_cfg = OmegaConf.to_container(cfg.classifier, resolve=True)
+            validate_classifier_cfg(classifier_cfg)
     identity = config_identity(cfg, method_cfg, method.uses_image_model, set(method.runtime_keys))
+    if classifier_cfg is not None:
+        identity["classifier"] = classifier_cfg
     config_hash = stable_hash(identity)
     store = RunStore(cfg.paths.results_dir, method.name, cfg.data.name, config_hash)
+    if on_store is not None:
+        on_store(store)
     if store.done and not cfg.overwrite:
         record = store.load_record()
+        store.ensure_indexed(record)  # killed between DONE and the runs.csv row: the row is added now
         log.info("results for config %s are complete in %s; skipping (overwrite=true re-runs)", config_hash, store.dir)
         log.info("\n%s", task.format(store.load_rows() or [record]))
         return record
@@ -106,11 +151,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model_cfg=model_cfg,
         data_meta={},
         progress=cfg.progress,
+        classifier_cfg=classifier_cfg,
     )
     result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity)
     common = {"method": method.name, "data": cfg.data.name, "config_hash": config_hash}
     record: dict[str, Any] = {
         **common,
+        "setting_hash": setting_hash(identity),
         **result.record,
         "seconds": round(time.perf_counter() - t_start, 3),
         "device": str(device),
@@ -118,6 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": cfg.seed,
         "model": cfg.model.name if method.uses_image_model else "",
+        "deviations": "; ".join(cfg.get("deviations") or []),
         **{f"method.{k}": v for k, v in (result.describe or method.describe()).items()},
     }
     rows = [{**common, **row} for row in result.rows]
@@ -128,6 +176,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows=rows,
         files=result.files,
         convention=task.convention,
+        extra=(lambda folder: result.write_extra(folder, record)) if result.write_extra else None,
     )
     if cfg.logger.name == "wandb":
         log_to_wandb(
@@ -140,7 +189,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tags=list(cfg.logger.tags or []),
             dir=cfg.logger.dir,
             per_sample=result.per_sample if cfg.logger.log_scores else None,
-            images={key: str(store.dir / name) for key, name in result.images.items()} or None,
+            images={**store.figures(), **{key: store.dir / name for key, name in result.images.items()}} or None,
         )
     log.info("\n%s", task.format(rows or [record]))
     return record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -87,6 +88,44 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} asked for, but CUDA is not available; use device=auto or device=cpu")
     return dev
+
+
+AMP_CHOICES = ("none", "fp16", "bf16")
+_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_amp(amp: str, device: torch.device, key: str = "method.amp") -> None:
+    """Raise when mixed precision ``amp`` is unknown or not supported on ``device``."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"{key}={amp!r} is not valid; valid: {list(AMP_CHOICES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"{key}=fp16 needs a CUDA device (running on {device}); use {key}=bf16 or none here")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{key}=bf16 is not supported by this GPU; use {key}=fp16 or none")
+
+
+def autocast(device: torch.device, amp: str = "none") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` (``fp16`` / ``bf16``) on ``device``; a no-op context for ``none``."""
+    check_amp(amp, device)
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
+
+
+@contextmanager
+def count_calls(*modules: torch.nn.Module) -> Iterator[list[int]]:
+    """Count forward calls of ``modules`` inside the block; yields a one-element list holding the count."""
+    count = [0]
+
+    def hook(*_args: Any) -> None:
+        count[0] += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        yield count
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

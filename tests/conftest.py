@@ -35,7 +35,7 @@ WEIGHTS_DIR = Path(os.environ["OOD_BENCH_WEIGHTS"])
 
 # Settings that make a full run tiny on a 2-core CPU: a ~20 k parameter UNet without attention in the
 # down/up path, a handful of training steps and a short sampler (the `cfg_tiny` fixture: in-process runs).
-TINY_RUN_OVERRIDES = [
+TINY_MODEL_OVERRIDES = [
     "debug=default",
     "model.unet.block_out_channels=[8,16]",
     "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
@@ -44,9 +44,18 @@ TINY_RUN_OVERRIDES = [
     "model.unet.attention_head_dim=8",
     "model.train.steps=5",
     "model.train.batch_size=8",
-    "method.reps=2",
-    "method.steps=4",
 ]
+TINY_RUN_OVERRIDES = [*TINY_MODEL_OVERRIDES, "method.reps=2", "method.steps=4"]
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` as a module (its ``main(argv)`` runs in this process, with this checkout's package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_path(*parts: str) -> Path:
@@ -87,6 +96,19 @@ def compose_config(overrides: list[str], tmp_path: Path):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def compose_with_hydra(overrides: list[str]):
+    """``config`` composed as ``run.py`` would, with its ``hydra`` node (launcher, sweeper); outputs untouched."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 @pytest.fixture
@@ -141,3 +163,65 @@ def tiny_diffusion():
         unet = UNet2DModel(**tiny_unet_kwargs(sample_size=8, channels=1)).eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     return DiffusionModel(unet, dict(sched.config), "test:random")
+
+
+# The DLSR paper's encoder file (lukemelas' release); not downloadable here, so tests write one of the same shapes.
+EFFICIENTNET_B4_FILE = "efficientnet-b4-6ed6700e.pth"
+
+
+def random_efficientnet_b4_state(seed: int = 0) -> dict:
+    """A state dict with the shapes of lukemelas' EfficientNet-B4 checkpoint: random weights and BN statistics."""
+    import torch
+    from efficientnet_pytorch import EfficientNet
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in EfficientNet.from_name("efficientnet-b4").state_dict().items():
+        if key.endswith("running_var"):
+            value = torch.rand(value.shape, generator=g) + 0.5
+        elif key.endswith("running_mean"):
+            value = torch.randn(value.shape, generator=g) * 0.1
+        elif value.is_floating_point():
+            scale = float(value.std()) if value.numel() > 1 and float(value.std()) > 0 else 0.1
+            value = torch.randn(value.shape, generator=g) * scale
+        state[key] = value
+    return state
+
+
+@pytest.fixture(scope="session")
+def weights_dir_with_b4(tmp_path_factory) -> Path:
+    """A weights folder: the offline weights (linked) plus an EfficientNet-B4 file of the paper's name and shapes."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("weights_b4")
+    if WEIGHTS_DIR.is_dir():
+        for f in WEIGHTS_DIR.iterdir():
+            (folder / f.name).symlink_to(f.resolve())
+    torch.save(random_efficientnet_b4_state(), folder / EFFICIENTNET_B4_FILE)
+    return folder
+
+
+def small_cnn_cfg(steps: int = 40) -> dict:
+    """Settings of a width-8 small CNN classifier that trains in about a second on 8-px digits."""
+    train = {"steps": steps, "batch_size": 32, "lr": 0.01, "weight_decay": 0.0, "shift": 1, "hflip": False, "seed": 0}
+    return {
+        "name": "small_cnn",
+        "kind": "small_cnn",
+        "width": 8,
+        "mean": None,
+        "std": None,
+        "input_size": None,
+        "cam_layer": "features.-1",
+        "train": train,
+    }
+
+
+def sklearn_digits(classes: tuple[int, ...] = (0, 1)):
+    """The 8x8 sklearn digits of ``classes`` as float ``[N, 1, 8, 8]`` in ``[0, 1]`` and their labels."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, classes)
+    return torch.tensor(d.images[keep] / 16.0, dtype=torch.float32)[:, None], d.target[keep]

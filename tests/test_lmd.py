@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_weight
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.distances import build_distance
 from ood_bench.methods import Context, build_method
 from ood_bench.methods.lmd import LMD
+from ood_bench.samplers import inpaint, lmd_mask
+from ood_bench.utils import sample_generators
 
 
 def _ready_lmd(tiny_diffusion, **kwargs) -> LMD:
@@ -67,8 +70,35 @@ def test_scoring_resumes_from_cached_batches(tiny_diffusion, tmp_path: Path, cap
         ({"distance": "l1"}, r"method.distance='l1'.*lpips"),
         ({"lpips_net": "resnet"}, r"method.lpips_net='resnet'.*alex"),
         ({"eta": 2.0}, r"method.eta=2.0"),
+        ({"clip": "yes"}, r"method.clip='yes'.*true or false"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         build_method({"name": "lmd", **kwargs})
+
+
+def test_distance_receives_images_in_0_1(tiny_diffusion, tmp_path: Path) -> None:
+    """LMD inpaints in [-1, 1] and hands originals and inpaintings in [0, 1] to LPIPS (normalize=True), which is
+    the official detect.py call: lpips(x * 2 - 1, recon * 2 - 1) on the raw [0, 1] images."""
+    weights = shared_weight("alexnet_features_imagenet.pth").parent
+    lmd = LMD(reps=2, steps=3, num_blocks=4, distance="lpips", weights_dir=str(weights))
+    lmd.model, lmd.distance = tiny_diffusion, build_distance("lpips", weights_dir=weights)
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    idx = np.array([4, 7, 9])
+    s = lmd.score(x, _ctx(tmp_path), indices=idx)
+    for rep in range(2):
+        gens = sample_generators(0, idx, rep)
+        recon = inpaint(tiny_diffusion, x * 2 - 1, lmd_mask("checkerboard_alt", 32, 4, rep), gens, steps=3, clip=False)
+        recon01 = (recon + 1) / 2
+        assert float(recon01.min()) < 0 or float(recon01.max()) > 1  # unclipped, as the official recon
+        official = lmd.distance.model(x.repeat(1, 3, 1, 1) * 2 - 1, recon01.repeat(1, 3, 1, 1) * 2 - 1)
+        np.testing.assert_allclose(s.extras["dist_rep"][:, rep], official.flatten().double().numpy(), rtol=1e-5)
+
+
+def test_images_at_another_size_fail_clearly(tiny_diffusion, tmp_path: Path) -> None:
+    """Under data.resize_protocol=native the two sides keep their own sizes; LMD's one model cannot take both."""
+    lmd = _ready_lmd(tiny_diffusion, num_blocks=4)
+    lmd.image_size = 8
+    with pytest.raises(ValueError, match=r"LMD got 16px images.*data.image_size=8px.*resize_protocol=native"):
+        lmd.score(torch.rand(2, 1, 16, 16), _ctx(tmp_path))

@@ -7,7 +7,7 @@ import torch
 
 from ood_bench.samplers import MASK_TYPES, checkerboard_mask, inpaint, lmd_mask
 from ood_bench.samplers.inpaint import make_scheduler
-from ood_bench.utils import sample_generators
+from ood_bench.utils import randn_per_sample, sample_generators
 
 # ---------------------------------------------------------------------------------------------------------------
 # Masks
@@ -101,20 +101,32 @@ def mask():
     return checkerboard_mask(SIZE, 4)
 
 
-def _run(model, x0, mask, indices, sampler, seed=0, rep=0, steps=5, eta=1.0):
+def _run(model, x0, mask, indices, sampler, seed=0, rep=0, steps=5, eta=1.0, clip=True):
     gens = sample_generators(seed, indices, rep)
-    return inpaint(model, x0, mask, gens, sampler=sampler, steps=steps, eta=eta)
+    return inpaint(model, x0, mask, gens, sampler=sampler, steps=steps, eta=eta, clip=clip)
 
 
+@pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_inpaint_keeps_known_and_changes_unknown(tiny_diffusion, images, mask, sampler):
-    out = _run(tiny_diffusion, images, mask, range(N), sampler)
+def test_inpaint_keeps_known_and_changes_unknown(tiny_diffusion, images, mask, sampler, clip):
+    out = _run(tiny_diffusion, images, mask, range(N), sampler, clip=clip)
     assert out.shape == images.shape and out.dtype == images.dtype
     known = mask.bool().expand_as(images)
     assert torch.equal(out[known], images[known])  # exactly, not approximately
     assert (out[~known] - images[~known]).abs().mean() > 0.05
-    assert float(out.min()) >= -1.0 and float(out.max()) <= 1.0
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_clip_keeps_samples_in_range_and_official_default_does_not_clip(tiny_diffusion, images, mask, sampler):
+    """The random tiny UNet overshoots [-1, 1], so the range check on the clipped run can fail; without clipping
+    (the official sampler) values outside the range come back unchanged."""
+    clipped = _run(tiny_diffusion, images, mask, range(N), sampler, clip=True)
+    unclipped = _run(tiny_diffusion, images, mask, range(N), sampler, clip=False)
+    assert float(unclipped.abs().max()) > 1.0
+    assert float(clipped.min()) >= -1.0 and float(clipped.max()) <= 1.0
+    # clipping acts at every step (the x0 prediction), not only on the result
+    assert (clipped - unclipped.clamp(-1, 1)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
@@ -143,12 +155,50 @@ def test_inpaint_seeding(tiny_diffusion, images, mask, sampler):
     assert torch.allclose(e[:3], a[:3], atol=1e-5) and (e[3] - a[3])[unknown[3]].abs().max() > 1e-3
 
 
-def test_ddim_eta_zero_draws_no_step_noise(tiny_diffusion, images, mask):
-    """With eta=0 DDIM steps are deterministic; only the start noise and the replacement noise are random."""
-    a = _run(tiny_diffusion, images, mask, range(N), "ddim", eta=0.0)
-    b = _run(tiny_diffusion, images, mask, range(N), "ddim", eta=1.0)
-    assert torch.equal(a[mask.bool().expand_as(images)], images[mask.bool().expand_as(images)])
-    assert not torch.allclose(a, b)
+@pytest.mark.parametrize("eta, draws_per_step", [(0.0, 1), (1.0, 2)])
+def test_ddim_eta_zero_draws_no_step_noise(tiny_diffusion, images, mask, eta, draws_per_step):
+    """eta=0: each sample's generator gives the start noise and one replacement draw per step, no step noise
+    (its state afterwards equals that of a fresh generator after exactly those draws); eta=1 also draws step noise."""
+    steps = 4
+    gens = sample_generators(0, range(N), 0)
+    inpaint(tiny_diffusion, images, mask, gens, sampler="ddim", steps=steps, eta=eta)
+    ref = sample_generators(0, range(N), 0)
+    for _ in range(1 + draws_per_step * steps):
+        randn_per_sample(images.shape, ref, images.device, images.dtype)
+    for used, expected in zip(gens, ref):
+        assert torch.equal(used.get_state(), expected.get_state())
+
+
+def test_known_pixels_are_renoised_to_the_current_step_before_each_network_call(tiny_diffusion, images, mask):
+    """The official replacement order (get_pc_inpainter with corrector='none'): the corrector wrapper re-injects the
+    known pixels noised to t, then the predictor steps from t. The first network call therefore sees known pixels
+    already noised to the first t (not the clean pixels the official loop starts from), the second call known
+    pixels noised afresh to the second t."""
+    calls: list[tuple[torch.Tensor, int]] = []
+
+    def record(_module, args):
+        calls.append((args[0].clone(), int(args[1][0])))
+
+    steps = 3
+    handle = tiny_diffusion.unet.register_forward_pre_hook(record)
+    try:
+        inpaint(tiny_diffusion, images, mask, sample_generators(0, range(N), 0), sampler="ddim", steps=steps, eta=1.0)
+    finally:
+        handle.remove()
+    sched = make_scheduler(tiny_diffusion, "ddim", steps)
+    ref = sample_generators(0, range(N), 0)
+    draw = lambda: randn_per_sample(images.shape, ref, images.device, images.dtype)  # noqa: E731
+    start, z_first = draw(), draw()
+    draw()  # the first step's variance noise
+    z_second = draw()
+    known = mask.bool().expand_as(images)
+    (first, t_first), (second, t_second) = calls[0], calls[1]
+    assert (t_first, t_second) == tuple(int(t) for t in sched.timesteps[:2])
+    expected_first = sched.add_noise(images, z_first, torch.tensor([t_first]))
+    expected_second = sched.add_noise(images, z_second, torch.tensor([t_second]))
+    torch.testing.assert_close(first[known], expected_first[known])
+    torch.testing.assert_close(second[known], expected_second[known])
+    assert torch.equal(first[~known], start[~known])
 
 
 def test_full_mask_returns_input_and_broadcast_shapes(tiny_diffusion, images):
@@ -162,13 +212,26 @@ def test_full_mask_returns_input_and_broadcast_shapes(tiny_diffusion, images):
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-@pytest.mark.parametrize("sampler, steps", [("ddim", 25), ("ddpm", 10), ("ddim", 1), ("ddpm", 1000)])
+@pytest.mark.parametrize("sampler, steps", [("ddim", 25), ("ddpm", 10), ("ddim", 1), ("ddpm", 1000), ("ddim", 10)])
 def test_scheduler_steps_end_at_zero(tiny_diffusion, sampler, steps):
+    """Trailing spacing: the first step at t = T-1 (pure noise), equal strides of T/steps so every update lands on
+    the next step run, the last network call at t = T/steps - 1 (39 at 25 steps) whose update lands on the clean
+    image (abar = 1): given the true noise as the model output it returns x0 (the official sampler integrates
+    down to t = 1e-3 and its last update is not exact either)."""
     sched = make_scheduler(tiny_diffusion, sampler, steps)
-    ts = sched.timesteps.tolist()
-    assert len(ts) == steps
-    assert ts[0] == 999  # trailing spacing starts from the last training step
-    assert ts == sorted(ts, reverse=True)
+    ts = [int(t) for t in sched.timesteps]
+    stride = 1000 // steps
+    assert ts == [999 - k * stride for k in range(steps)]
+    assert ts[-1] == stride - 1
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 1, SIZE, SIZE, generator=g) * 2 - 1
+    eps = torch.randn(2, 1, SIZE, SIZE, generator=g)
+    xt = sched.add_noise(x0, eps, torch.tensor([ts[-1]]))
+    if sampler == "ddim":
+        out = sched.step(eps, ts[-1], xt, eta=1.0).prev_sample
+    else:
+        out = sched.step(eps, ts[-1], xt, generator=g).prev_sample
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-4)
 
 
 def test_scheduler_rejects_bad_steps_and_sampler(tiny_diffusion, images, mask):

@@ -223,7 +223,12 @@ def test_missing_dataset_fails_with_clear_message(work):
     )
     assert code != 0
     assert "DatasetNotFoundError" in out and str(work / "empty" / "MNIST" / "raw") in out
-    assert not (work / "results_missing").exists()
+    assert "Traceback" not in out  # a user error: one message, no traceback
+    # nothing but the FAILED marker of the run: no results row, no DONE
+    files = [p for p in (work / "results_missing").rglob("*") if p.is_file()]
+    assert [f.name for f in files] == ["FAILED"], files
+    assert json.loads(files[0].read_text())["error"] == "DatasetNotFoundError"
+    assert not (work / "results_missing" / "runs.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,6 +337,10 @@ def test_wandb_offline_run_holds_the_record(mse_run, work):
     col = table["columns"].index("score")
     assert len(table["data"]) == len(scores)
     assert np.allclose([row[col] for row in table["data"]], [float(r["score"]) for r in scores])
+    # the run folder's figures went along as images, byte for byte
+    for stem in ("roc", "score_hist", "lmd_inpainting"):
+        logged = list((run / "files" / "media" / "images").glob(f"{stem}_*.png"))
+        assert len(logged) == 1 and logged[0].read_bytes() == (dirs[0] / f"{stem}.png").read_bytes(), stem
     assert not (wb_env / "wandb").exists() or not list((wb_env / "wandb").glob("offline-run-*"))
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ood_bench.data import transforms
 from ood_bench.data.sources import Source
+from ood_bench.errors import DataError
 from ood_bench.utils import tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def build_pair(
         "ood_test": (ood_source, "test", ood_classes, n_ood_test),
     }
     raw: dict[str, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+    skipped: dict[str, int] = {}
     for key, (src, split, classes, n) in sel.items():
         idx = _select(src, split, classes, n, rng)
         if idx.size == 0:
@@ -93,7 +95,11 @@ def build_pair(
                 f"{name}: the {key} selection from {src.name} ({split} split, classes={classes}) is empty; "
                 f"check the dataset's split (test-only sets such as textures cannot be the ID side) and the classes"
             )
-        raw[key] = (src.images(split, idx), src.labels(split)[idx], idx)
+        images, kept = src.load(split, idx)  # a source may skip undecodable files (on_bad_file=skip)
+        if kept.size == 0:
+            raise DataError(f"{name}: every file of the {key} selection from {src.name} was skipped as undecodable")
+        skipped[key] = int(idx.size - kept.size)
+        raw[key] = (images, src.labels(split)[kept], kept)
     native = sorted({int(x.shape[-1]) for x, _, _ in raw.values()})
     via = transforms.common_size(native, image_size, resize_protocol)
     splits = {
@@ -113,16 +119,18 @@ def build_pair(
         "n_train": len(splits["id_train"]),
         "n_id": len(splits["id_test"]),
         "n_ood": len(splits["ood_test"]),
+        # undecodable files left out (on_bad_file=skip), per side of the pair
+        "files_skipped": {"id": skipped["id_train"] + skipped["id_test"], "ood": skipped["ood_test"]},
         "fingerprint": {k: tensor_fingerprint(s.images) for k, s in splits.items()},
     }
+    sizes = {k: tuple(s.images.shape[-2:]) for k, s in splits.items()}
     log.info(
-        "pair %s: %d ID train, %d ID test, %d OOD test at %dx%d (%d ch, via %d, protocol %s)",
+        "pair %s: %d ID train, %d ID test, %d OOD test, sizes %s (%d ch, via %s, protocol %s)",
         name,
         meta["n_train"],
         meta["n_id"],
         meta["n_ood"],
-        image_size,
-        image_size,
+        sorted(set(sizes.values())),
         channels,
         via,
         resize_protocol,

@@ -18,15 +18,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from ood_bench.errors import BadImageError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+BAD_FILE_POLICIES = ("fail", "skip")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingFileError):
     """A dataset is not where the configuration says it is."""
 
 
@@ -58,6 +61,10 @@ class Source(ABC):
     @abstractmethod
     def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
         """uint8 ``[len(indices), C, H, W]`` images of the given samples."""
+
+    def load(self, split: str, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
+        """The images of ``indices`` and the indices actually returned (a source may skip undecodable files)."""
+        return self.images(split, indices), np.asarray(indices, dtype=np.int64)
 
     def describe(self) -> dict:
         return {"name": self.name, "type": type(self).__name__}
@@ -170,6 +177,9 @@ class ImageFolderSource(Source):
     ``<root>/<folder>/<class>/*`` (then a seeded split makes train/test; ``test_fraction=1`` makes it test-only,
     the usual case for an OOD set). A folder holding images directly is one class (label 0). Classes are sorted
     alphabetically, as in torchvision.
+
+    A file that cannot be decoded fails with the dataset's name and the file (``on_bad_file="fail"``), or is
+    skipped (``"skip"``): ``load`` then returns the decodable samples and ``skipped`` lists the files left out.
     """
 
     def __init__(
@@ -180,9 +190,14 @@ class ImageFolderSource(Source):
         test_fraction: float = 1.0,
         split_seed: int = 0,
         hint: str = "",
+        on_bad_file: str = "fail",
     ) -> None:
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"on_bad_file={on_bad_file!r} is not valid; valid: {list(BAD_FILE_POLICIES)}")
         self.name, self.folder, self.root = name, folder, Path(root)
         self.test_fraction, self.split_seed, self.hint = test_fraction, split_seed, hint
+        self.on_bad_file = on_bad_file
+        self.skipped: list[Path] = []
         self._index: dict[str, tuple[list[Path], np.ndarray]] = {}
 
     @property
@@ -230,16 +245,40 @@ class ImageFolderSource(Source):
     def labels(self, split: str) -> np.ndarray:
         return self._get(split)[1]
 
-    def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+    def _decode(self, file: Path) -> np.ndarray:
+        try:
+            with Image.open(file) as im:
+                return np.asarray(im.convert("L") if im.mode in ("L", "I;16", "1") else im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise BadImageError(
+                f"{self.name}: cannot decode {file} ({type(err).__name__}: {err}). Delete or replace the file, or "
+                f"skip undecodable files with data.id.on_bad_file=skip / data.ood.on_bad_file=skip (the side that "
+                f"reads {self.name}); skipped files are counted in the results row (id_files_skipped, "
+                f"ood_files_skipped)."
+            ) from err
+
+    def load(self, split: str, indices: Sequence[int]) -> tuple[torch.Tensor, np.ndarray]:
         files = self._get(split)[0]
-        arrays = []
+        arrays, kept = [], []
         for i in indices:
-            with Image.open(files[int(i)]) as im:
-                arrays.append(np.asarray(im.convert("L") if im.mode in ("L", "I;16", "1") else im.convert("RGB")))
+            try:
+                arrays.append(self._decode(files[int(i)]))
+            except BadImageError as err:
+                if self.on_bad_file == "fail":
+                    raise
+                log.warning("%s: skipping undecodable file %s (%s)", self.name, files[int(i)], err.__cause__)
+                self.skipped.append(files[int(i)])
+                continue
+            kept.append(int(i))
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(f"{self.name}: images differ in size/channels {sorted(shapes)[:3]}; resize them first")
-        return _to_nchw_uint8(np.stack(arrays)) if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+            raise DataError(f"{self.name}: images differ in size/channels {sorted(shapes)[:3]}; resize them first")
+        images = _to_nchw_uint8(np.stack(arrays)) if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        return images, np.asarray(kept, dtype=np.int64)
+
+    def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+        """The decoded images (with ``on_bad_file="skip"`` possibly fewer than ``indices``: see ``load``)."""
+        return self.load(split, indices)[0]
 
 
 class NpzSource(ArraySource):
@@ -350,3 +389,81 @@ class TorchvisionSource(ArraySource):
         d = super().describe()
         d["files"] = "image_folder:" + str(self.fallback.path) if self._fallback_ready() else "torchvision"
         return d
+
+
+class ImageListSource(Source):
+    """Images named in list files, one ``<relative path> <label>`` per line (OpenOOD's ``benchmark_imglist``
+    format), relative to ``<root>/<image_root>``. Each image is resized (shorter side to ``resize``, bilinear) and
+    centre-cropped to ``crop`` x ``crop`` as OpenOOD's test transform, so images of any size form one tensor.
+    A list given as a relative path is looked up under ``root``. ``train_list: null`` makes a test-only set.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        test_list: str,
+        train_list: str | None = None,
+        image_root: str = "",
+        resize: int = 256,
+        crop: int = 224,
+        hint: str = "",
+    ) -> None:
+        if crop > resize:
+            raise ValueError(f"{name}: crop={crop} is larger than resize={resize}")
+        self.name, self.root, self.image_root = name, Path(root), image_root
+        self.lists = {"train": train_list, "test": test_list}
+        self.resize, self.crop, self.hint = resize, crop, hint
+        self._index: dict[str, tuple[list[str], np.ndarray]] = {}
+
+    def _list_path(self, split: str) -> Path:
+        ref = self.lists[split]
+        if ref is None:
+            raise DatasetNotFoundError(f"{self.name}: no {split} list configured (a test-only set)")
+        path = Path(ref).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def _get(self, split: str) -> tuple[list[str], np.ndarray]:
+        _check_split(split)
+        if split not in self._index:
+            path = self._list_path(split)
+            if not path.is_file():
+                raise DatasetNotFoundError(
+                    f"{self.name}: image list {path} not found. Set paths.data_dir (or OOD_BENCH_DATA) to the folder "
+                    f"that holds it. {self.hint}".strip()
+                )
+            files, labels = [], []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    files.append(parts[0])
+                    labels.append(int(parts[1]) if len(parts) > 1 else 0)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{n}: expected '<path> <integer label>', got {line!r}") from err
+            self._index[split] = (files, np.asarray(labels, dtype=np.int64))
+        return self._index[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._get(split)[1]
+
+    def _load(self, rel: str) -> np.ndarray:
+        path = self.root / self.image_root / rel
+        if not path.is_file():
+            raise DatasetNotFoundError(f"{self.name}: image {path} (listed in the {self.name} list) not found")
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = self.resize / min(w, h)
+            im = im.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            return np.asarray(im.crop((left, top, left + self.crop, top + self.crop)))
+
+    def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+        files = self._get(split)[0]
+        arrays = [self._load(files[int(i)]) for i in indices]
+        if not arrays:
+            return torch.zeros(0, 3, self.crop, self.crop, dtype=torch.uint8)
+        return _to_nchw_uint8(np.stack(arrays))

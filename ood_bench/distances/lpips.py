@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ood_bench.distances.base import Distance
+from ood_bench.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _features_state_dict(net: str, weights: str, weights_dir: str | Path | None)
     if weights != "auto":
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"method.lpips_weights={weights!r}: no such file")
+            raise WeightsNotFoundError(f"method.lpips_weights={weights!r}: no such file")
         return torch.load(path, map_location="cpu", weights_only=True), f"file:{path.name}"
     if local_name and weights_dir is not None and (Path(weights_dir) / local_name).is_file():
         path = Path(weights_dir) / local_name
@@ -45,7 +46,7 @@ def _features_state_dict(net: str, weights: str, weights_dir: str | Path | None)
         model = getattr(torchvision.models, builder)(weights=enum)
     except Exception as err:  # download errors come as URLError, OSError, RuntimeError...
         where = f"{Path(weights_dir) / local_name}" if local_name and weights_dir else "(no local file for this net)"
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"LPIPS-{net} needs ImageNet {builder} weights: none at {where} and torchvision could not fetch "
             f"{enum.url} ({type(err).__name__}: {err}). Either download that URL into the torch hub cache "
             f"(~/.cache/torch/hub/checkpoints/), put {local_name or 'a features state dict'} in paths.weights_dir "

@@ -5,6 +5,9 @@ an MLP diffusion model (LFDN) learns to denoise these vectors (x0-prediction, T=
 Score: noise an image's features once to step ``t`` (paper: 3), reconstruct them with DDIM and compare:
 MFsim = minus the mean per-layer cosine similarity, MSE = squared error, LR = MSE of the early checkpoint minus
 MSE of the final one. ID features are reconstructed faithfully, OOD features drift: higher = more OOD.
+``recon=official`` runs the official code's DDIM path (``t`` LFDN calls, coefficients one index off, returns
+the sample at noise level abar_0); ``recon=ddim`` a consistent DDIM over t..0 that returns the clean estimate
+(``t + 1`` calls). See docs/deviations.md.
 
 Features are cached per split and encoder (kind ``features``), the LFDN per training features and settings
 (kind ``lfdn``), so changing ``t``, ``eta`` or ``score`` re-runs only the cheap reconstruction.
@@ -22,25 +25,38 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.encoders import FeatureEncoder, check_encoder_name
 from ood_bench.models.lfdn import (
     LFDN,
+    RECONS,
     DiffusionConfig,
     TrainConfig,
+    noise_rows,
     read_loss_csv,
     reconstruct,
+    reconstruct_official,
     train_lfdn,
     write_loss_csv,
 )
-from ood_bench.utils import randn_per_sample, sample_generators, tensor_fingerprint
+from ood_bench.utils import (
+    AMP_CHOICES,
+    autocast,
+    check_amp,
+    count_calls,
+    randn_per_sample,
+    sample_generators,
+    tensor_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 SCORES = ("mfsim", "mse", "lr")
 MSE_REDUCTIONS = ("sum", "mean")
+LR_NOISES = ("independent", "shared")
 FEATURES_VERSION = 1  # bump when the extraction code changes its numbers
 LFDN_VERSION = 1
 
@@ -91,8 +107,11 @@ class DLSR(Method):
         train_seed: int = 0,
         t: int = 3,
         eta: float = 1.0,
+        recon: str = "official",
         score: str = "mfsim",
-        mfsim_skip_first: bool = False,
+        lr_noise: str = "independent",
+        amp: str = "none",
+        mfsim_skip_first: bool = True,
         mse_reduction: str = "sum",
         batch_size: int = 256,
         weights_dir: str | None = None,
@@ -100,6 +119,9 @@ class DLSR(Method):
         check_encoder_name(encoder)
         check_choice("score", score, SCORES)
         check_choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
+        check_choice("recon", recon, RECONS)
+        check_choice("lr_noise", lr_noise, LR_NOISES)
+        check_choice("amp", amp, AMP_CHOICES)
         for key, val in (
             ("input_size", input_size),
             ("width", width),
@@ -114,6 +136,11 @@ class DLSR(Method):
             raise ValueError(f"method.t={t!r} is not valid; use an integer in [0, timesteps-1] = [0, {timesteps - 1}]")
         if eta < 0:
             raise ValueError(f"method.eta={eta} is not valid; use eta >= 0 (0 = deterministic DDIM, 1 = paper)")
+        if recon == "official" and (t < 1 or eta > 1):
+            raise ValueError(
+                f"method.recon=official needs 1 <= t and eta <= 1 (it runs DDIM steps t..1), got t={t}, eta={eta}; "
+                f"method.recon=ddim also allows t=0"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"method.dropout={dropout} is not valid; use a value in [0, 1)")
         if score == "lr" and early_epoch >= epochs:
@@ -134,6 +161,7 @@ class DLSR(Method):
             "dropout": float(dropout),
         }
         self.t, self.eta, self.score_name = t, float(eta), score
+        self.recon, self.lr_noise, self.amp = recon, lr_noise, amp
         self.mfsim_skip_first, self.mse_reduction, self.batch_size = bool(mfsim_skip_first), mse_reduction, batch_size
         wdir = weights_dir or os.environ.get("OOD_BENCH_WEIGHTS")
         # Built here so that a bad layer name or missing weights fail before any data is read.
@@ -151,13 +179,17 @@ class DLSR(Method):
         self.features_extracted = 0
 
     # ---------------------------------------------------------------------------------------------------- features
-    def features(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """Encoder features of ``images`` through the cache (kind ``features``; key: image content + encoder)."""
+    def features(self, images: torch.Tensor, ctx: Context, amp: str = "none") -> torch.Tensor:
+        """Encoder features of ``images`` through the cache (kind ``features``; key: image content + encoder).
+
+        ``amp`` runs the encoder under autocast (the official test pass: fp16); features are stored as float32.
+        """
         spec = {
             "version": FEATURES_VERSION,
             "images": tensor_fingerprint(images),
             "n": len(images),
             "encoder": self.encoder.identity(),
+            **({"amp": amp} if amp != "none" else {}),
         }
         key = ctx.cache.key("features", spec)
         if ctx.cache.has("features", key):
@@ -172,7 +204,9 @@ class DLSR(Method):
                 self.encoder.input_size,
                 ",".join(self.encoder.layers),
             )
-            torch.save(self._extract(images, ctx), tmp / "features.pt")
+            with autocast(ctx.device, amp):
+                feats = self._extract(images, ctx)
+            torch.save(feats, tmp / "features.pt")
             self.features_extracted += 1
 
         entry, _ = ctx.cache.get_or_create("features", spec, build)
@@ -182,7 +216,7 @@ class DLSR(Method):
         enc = self.encoder.to(ctx.device)
         out = []
         for i in tqdm(range(0, len(images), self.batch_size), desc="features", disable=not ctx.progress, leave=False):
-            out.append(enc(images[i : i + self.batch_size].to(ctx.device)).cpu())
+            out.append(enc(images[i : i + self.batch_size].to(ctx.device)).float().cpu())
         if not out:
             return torch.zeros(0, self.encoder.dim)
         return torch.cat(out)
@@ -194,7 +228,8 @@ class DLSR(Method):
             return LFDN(self.encoder.dim, **self.lfdn_kwargs)
 
     def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
-        feats = self.features(id_train, ctx)
+        check_amp(self.amp, ctx.device)  # fail before any extraction or training
+        feats = self.features(id_train, ctx)  # training features in full precision, as the official training
         spec = {
             "version": LFDN_VERSION,
             "features": tensor_fingerprint(feats),
@@ -247,29 +282,47 @@ class DLSR(Method):
     ) -> Scores:
         if self.model is None:
             raise RuntimeError("DLSR.score called before fit")
-        feats = self.features(images, ctx)
+        feats = self.features(images, ctx, self.amp)
         idx = np.arange(len(images)) if indices is None else np.asarray(indices)
         if len(idx) != len(images):
             raise ValueError(f"got {len(idx)} indices for {len(images)} images")
         sched = self.diffusion.ddim()
+        rows = noise_rows(self.recon, self.t)
         cols: dict[str, list[torch.Tensor]] = {"mfsim": [], "mse": [], "mse_early": [], "lr": []}
-        for i in tqdm(range(0, len(feats), self.batch_size), desc="DLSR", disable=not ctx.progress, leave=False):
-            x0 = feats[i : i + self.batch_size].to(ctx.device)
-            gens = sample_generators(ctx.seed, idx[i : i + self.batch_size])
-            noise = randn_per_sample((len(x0), self.t + 2, x0.shape[1]), gens, ctx.device, torch.float32)
-            rec = reconstruct(self.model, sched, x0, self.t, self.eta, noise)
-            cols["mfsim"].append(mfsim(rec, x0, self.encoder.block_sizes, self.mfsim_skip_first).cpu())
-            cols["mse"].append(mse(rec, x0, self.mse_reduction).cpu())
-            if self.score_name == "lr":  # same noise for both checkpoints: the difference is the models'
-                rec_early = reconstruct(self.early, sched, x0, self.t, self.eta, noise)
-                cols["mse_early"].append(mse(rec_early, x0, self.mse_reduction).cpu())
-                cols["lr"].append(cols["mse_early"][-1] - cols["mse"][-1])
+        models = (self.model, self.early) if self.score_name == "lr" else (self.model,)
+        nfe_sum = 0
+        with autocast(ctx.device, self.amp), count_calls(*models) as calls:
+            for i in tqdm(range(0, len(feats), self.batch_size), desc="DLSR", disable=not ctx.progress, leave=False):
+                x0 = feats[i : i + self.batch_size].to(ctx.device)
+                idx_b, before = idx[i : i + self.batch_size], calls[0]
+                noise = self._noise(idx_b, rows, x0, ctx)
+                rec = self._reconstruct(self.model, sched, x0, noise)
+                cols["mfsim"].append(mfsim(rec, x0, self.encoder.block_sizes, self.mfsim_skip_first).float().cpu())
+                cols["mse"].append(mse(rec, x0, self.mse_reduction).float().cpu())
+                if self.score_name == "lr":
+                    # official: each checkpoint draws its own noise; shared: the difference is the models' only
+                    early_noise = noise if self.lr_noise == "shared" else self._noise(idx_b, rows, x0, ctx, key=1)
+                    rec_early = self._reconstruct(self.early, sched, x0, early_noise)
+                    cols["mse_early"].append(mse(rec_early, x0, self.mse_reduction).float().cpu())
+                    cols["lr"].append(cols["mse_early"][-1] - cols["mse"][-1])
+                nfe_sum += (calls[0] - before) * len(x0)
         keys = ("mfsim", "mse") + (("mse_early", "lr") if self.score_name == "lr" else ())
         out = {k: torch.cat(cols[k]).double().numpy() if cols[k] else np.zeros(0) for k in keys}
         values = out[self.score_name]
         extras = {k: v for k, v in out.items() if k != self.score_name}
-        nfe = (self.t + 1) * (2 if self.score_name == "lr" else 1)
-        return Scores(values=values, extras=extras, nfe_per_image=float(nfe))
+        return Scores(values=values, extras=extras, nfe_per_image=nfe_sum / max(1, len(feats)))
+
+    def _noise(
+        self, idx: np.ndarray, rows: int, x0: torch.Tensor, ctx: Context, key: int | None = None
+    ) -> torch.Tensor:
+        """``[N, rows, D]`` standard normal noise, one generator per sample (``key`` picks another stream)."""
+        gens = sample_generators(ctx.seed, idx) if key is None else sample_generators(ctx.seed, idx, key)
+        return randn_per_sample((len(x0), rows, x0.shape[1]), gens, ctx.device, torch.float32)
+
+    def _reconstruct(self, model: LFDN, sched: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.recon == "official":
+            return reconstruct_official(model, sched.alphas_cumprod, x0, self.t, self.eta, noise).float()
+        return reconstruct(model, sched, x0, self.t, self.eta, noise).float()
 
     def describe(self) -> dict[str, Any]:
         enc = self.encoder
@@ -289,7 +342,10 @@ class DLSR(Method):
             "early_epoch": self.train_cfg.early_epoch,
             "t": self.t,
             "eta": self.eta,
+            "recon": self.recon,
             "score": self.score_name,
+            "lr_noise": self.lr_noise,
+            "amp": self.amp,
             "mfsim_skip_first": self.mfsim_skip_first,
             "mse_reduction": self.mse_reduction,
             "features_extracted": self.features_extracted,

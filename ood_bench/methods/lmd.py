@@ -41,6 +41,7 @@ class LMD(Method):
         sampler: str = "ddim",
         steps: int = 25,
         eta: float = 1.0,
+        clip: bool = False,
         distance: str = "lpips",
         lpips_net: str = "alex",
         lpips_weights: str = "auto",
@@ -62,8 +63,10 @@ class LMD(Method):
             check_int(key, val, low)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"method.eta={eta} is not valid; valid: 0 <= eta <= 1")
+        if not isinstance(clip, bool):
+            raise ValueError(f"method.clip={clip!r} is not valid; valid: true or false")
         self.mask, self.num_blocks, self.reps = mask, num_blocks, reps
-        self.sampler, self.steps, self.eta = sampler, steps, float(eta)
+        self.sampler, self.steps, self.eta, self.clip = sampler, steps, float(eta), clip
         self.distance_name, self.lpips_net, self.lpips_weights = distance, lpips_net, lpips_weights
         self.weights_dir, self.aggregate, self.batch_size = weights_dir, aggregate, batch_size
         self.model: DiffusionModel | None = None
@@ -89,6 +92,7 @@ class LMD(Method):
         if ctx.model_cfg is None:
             raise ValueError("LMD needs an image diffusion model: the `model` config group is missing")
         self.image_size = int(id_train.shape[-1])
+        _check_size(self.image_size, int(ctx.model_cfg["sample_size"]))
         self.model = get_diffusion_model(ctx.model_cfg, id_train, ctx.cache, ctx.device, progress=ctx.progress)
 
     @torch.no_grad()
@@ -103,6 +107,8 @@ class LMD(Method):
         if self.model is None or self.distance is None:
             raise RuntimeError("call fit() before score()")
         n, size = images.shape[0], images.shape[-1]
+        if self.image_size is not None:
+            _check_size(size, self.image_size)
         indices = np.arange(n) if indices is None else np.asarray(indices)
         masks = [lmd_mask(self.mask, size, self.num_blocks, r) for r in range(self.reps)]
         dists = np.zeros((n, self.reps), dtype=np.float64)
@@ -129,11 +135,17 @@ class LMD(Method):
         agg = np.median(dists, axis=1) if self.aggregate == "median" else dists.mean(axis=1)
         return Scores(agg, extras={"dist_rep": dists}, nfe_per_image=float(self.reps * self.steps))
 
+    def reconstruct(self, x: torch.Tensor, idx: np.ndarray, mask: torch.Tensor, rep: int, seed: int) -> torch.Tensor:
+        """The inpainting of ``x`` (``[0, 1]``) under ``mask`` in repeat ``rep``, in ``[0, 1]``; per-sample noise."""
+        gens = sample_generators(seed, idx, rep)
+        recon = inpaint(
+            self.model, x * 2 - 1, mask, gens, sampler=self.sampler, steps=self.steps, eta=self.eta, clip=self.clip
+        )
+        return (recon + 1) / 2
+
     def _distances(self, x: torch.Tensor, idx: np.ndarray, mask: torch.Tensor, rep: int, seed: int) -> np.ndarray:
         """Inpaint one batch for one repeat and measure the distance to the originals."""
-        gens = sample_generators(seed, idx, rep)
-        recon = inpaint(self.model, x * 2 - 1, mask, gens, sampler=self.sampler, steps=self.steps, eta=self.eta)
-        return self.distance(x, (recon + 1) / 2).double().cpu().numpy()
+        return self.distance(x, self.reconstruct(x, idx, mask, rep, seed)).double().cpu().numpy()
 
     def _identity(self) -> dict[str, Any]:
         """The settings that determine one repeat's distances (the per-batch cache key)."""
@@ -143,6 +155,7 @@ class LMD(Method):
             "sampler": self.sampler,
             "steps": self.steps,
             "eta": self.eta,
+            "clip": self.clip,
             "distance": self.distance.describe() if self.distance else self.distance_name,
         }
 
@@ -155,3 +168,12 @@ class LMD(Method):
             model_source=self.model.source if self.model else "",
         )
         return record
+
+
+def _check_size(size: int, expected: int) -> None:
+    """LMD inpaints with one model at one size: images must come at ``data.image_size``."""
+    if size != expected:
+        raise ValueError(
+            f"LMD got {size}px images but its diffusion model works at data.image_size={expected}px; "
+            f"data.resize_protocol=native keeps each side at its own size: use common_min or direct for LMD"
+        )

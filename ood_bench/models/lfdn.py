@@ -243,11 +243,21 @@ def read_loss_csv(path: str | Path) -> list[tuple[int, int, float]]:
         return [(int(r["step"]), int(r["epoch"]), float(r["loss"])) for r in csv.DictReader(f)]
 
 
+RECONS = ("official", "ddim")
+
+
+def noise_rows(recon: str, t: int) -> int:
+    """Noise rows per sample a reconstruction draws: one to noise the input, one per step after it."""
+    if recon not in RECONS:
+        raise ValueError(f"recon={recon!r} is not valid; valid: {list(RECONS)}")
+    return t + 1 if recon == "official" else t + 2
+
+
 @torch.no_grad()
 def reconstruct(
     model: nn.Module, sched: DDIMScheduler, x0: torch.Tensor, t: int, eta: float, noise: torch.Tensor
 ) -> torch.Tensor:
-    """Noise ``x0`` once to step ``t``, then run DDIM steps t, t-1, ..., 0 back to a clean estimate.
+    """Noise ``x0`` once to step ``t``, then run DDIM steps t, t-1, ..., 0 back to a clean estimate (``ddim``).
 
     ``noise`` is ``[N, t + 2, D]``: row 0 noises the input, row k+1 is the variance noise of the k-th step
     (drawn per sample by the caller, so results do not depend on the batch size). ``t + 1`` model calls.
@@ -258,5 +268,37 @@ def reconstruct(
     x = sched.add_noise(x0, noise[:, 0], ts)
     for k, step in enumerate(range(t, -1, -1)):
         pred = model(x, torch.full((len(x0),), step, dtype=torch.long, device=x0.device))
-        x = sched.step(pred, step, x, eta=eta, variance_noise=noise[:, k + 1]).prev_sample
+        x = sched.step(pred.float(), step, x, eta=eta, variance_noise=noise[:, k + 1]).prev_sample
+    return x
+
+
+@torch.no_grad()
+def reconstruct_official(
+    model: nn.Module, alphas_cumprod: torch.Tensor, x0: torch.Tensor, t: int, eta: float, noise: torch.Tensor
+) -> torch.Tensor:
+    """DLSR's official test-time path (``Gen_Model`` -> ``DDIMSampler`` with S=T and ``subset_timesteps_num=t``).
+
+    The official sampler noises ``x0`` to abar[t] (0-based, as ``q_sample``) and calls the LFDN at steps
+    t, t-1, ..., 1. Its DDIM coefficients are one schedule index lower than the step the network sees (LDM's
+    ``make_ddim_timesteps`` adds one, the DLSR fork's ``make_ddim_sampling_parameters`` subtracts it again):
+    at network step s the update uses a_t = abar[s-1] and a_prev = abar[s-2] (abar[0] for s = 1), while the
+    x0 -> eps conversion uses abar[s]. The last call (s = 1, a_t = a_prev, sigma = 0) returns its input
+    unchanged, and the result is the sample at noise level abar[0], not a clean x0 estimate. ``t`` model
+    calls, ``t - 1`` of them effective. ``noise`` is ``[N, t + 1, D]``: row 0 noises the input, row k+1 is the
+    step noise of the k-th call.
+    """
+    if t < 1:
+        raise ValueError(f"recon=official needs t >= 1 (it runs the DDIM steps t..1), got t={t}")
+    if noise.shape[1] < t + 1:
+        raise ValueError(f"need {t + 1} noise rows per sample for t={t}, got {noise.shape[1]}")
+    abar = alphas_cumprod.to(device=x0.device, dtype=torch.float32)
+    x = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise[:, 0]
+    for k, step in enumerate(range(t, 0, -1)):
+        a_t = abar[step - 1]
+        a_prev = abar[max(step - 2, 0)]
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x0_pred = model(x, torch.full((len(x0),), step, dtype=torch.long, device=x0.device)).float()
+        eps = (x / abar[step].sqrt() - x0_pred) / (1 / abar[step] - 1).sqrt()
+        pred = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * pred + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise[:, k + 1]
     return x

@@ -2,7 +2,13 @@
 
 At every step the known pixels are replaced by the original image noised to the current step,
 ``sqrt(abar_t) x0 + sqrt(1 - abar_t) z``, and the whole image is denoised one step by the scheduler.
-No RePaint-style resampling. All noise comes from per-sample generators.
+This is the order the official ``get_pc_inpainter`` runs with ``corrector='none'`` (all LMD configs): its
+corrector wrapper re-injects the known pixels noised to t before the predictor (Euler-Maruyama) step; the
+predictor wrapper's own re-injection after the step is overwritten by the next step's. No RePaint-style
+resampling. All noise comes from per-sample generators.
+
+``clip=True`` clips the scheduler's x0 prediction to ``[-1, 1]`` at every step and clamps the result;
+the official sampler never clips (``clip=False``).
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ from ood_bench.utils import randn_per_sample
 SAMPLERS = ("ddim", "ddpm")
 
 
-def make_scheduler(model: DiffusionModel, sampler: str, steps: int) -> DDIMScheduler | DDPMScheduler:
-    """A sampling scheduler from the model's training schedule, with ``steps`` steps ending at t=0."""
+def make_scheduler(model: DiffusionModel, sampler: str, steps: int, clip: bool = True) -> DDIMScheduler | DDPMScheduler:
+    """A sampling scheduler from the model's training schedule with ``steps`` evenly spaced steps ("trailing":
+    the first at t = T-1, the last at t = T/steps - 1, whose update lands on the clean image, abar = 1)."""
     n_train = int(model.scheduler_config["num_train_timesteps"])
     if not 1 <= steps <= n_train:
         raise ValueError(f"steps={steps} is not valid; valid: 1..{n_train} (the model's training timesteps)")
     if sampler == "ddim":
-        sched = model.ddim(timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=True)
+        sched = model.ddim(timestep_spacing="trailing", clip_sample=clip, set_alpha_to_one=True)
     elif sampler == "ddpm":
-        sched = model.ddpm(timestep_spacing="trailing", clip_sample=True)
+        sched = model.ddpm(timestep_spacing="trailing", clip_sample=clip)
     else:
         raise ValueError(f"sampler={sampler!r} is not valid; valid: {list(SAMPLERS)}")
     sched.set_timesteps(steps)
@@ -43,12 +50,13 @@ def inpaint(
     sampler: str = "ddim",
     steps: int = 25,
     eta: float = 1.0,
+    clip: bool = True,
 ) -> torch.Tensor:
     """Fill the pixels where ``mask == 0`` of ``x0`` (in ``[-1, 1]``); known pixels are returned unchanged.
 
     ``mask`` broadcasts to ``x0`` (``[H, W]``, ``[1, 1, H, W]`` or ``[N, C, H, W]``), 1 = known.
     """
-    sched = make_scheduler(model, sampler, steps)
+    sched = make_scheduler(model, sampler, steps, clip)
     device, dtype = x0.device, x0.dtype
     mask = mask.to(device=device, dtype=dtype).expand_as(x0)
     shape = tuple(x0.shape)
@@ -63,4 +71,6 @@ def inpaint(
             x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
         else:
             x = sched.step(out, t, x, generator=list(generators)).prev_sample
-    return mask * x0 + (1 - mask) * x.clamp(-1, 1)
+    if clip:
+        x = x.clamp(-1, 1)
+    return mask * x0 + (1 - mask) * x

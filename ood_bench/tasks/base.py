@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,7 +27,8 @@ class TaskResult:
     ``record`` is the run's headline row (summary.csv, runs.csv, the W&B summary); ``rows`` the run's full table
     when it has more than one row (anomaly: one per category and shot seed, plus mean and std rows); ``files``
     extra run-folder files (name -> file to copy, or text), ``images`` the W&B keys of figure files among them.
-    File contents are text (``str``) or bytes (a PNG).
+    File contents are text (``str``) or bytes (a PNG). ``write_extra(folder, record)`` may write more files (figures
+    drawn from the full record) into the run folder before it is marked done.
     """
 
     record: dict[str, Any]
@@ -35,6 +37,7 @@ class TaskResult:
     files: dict[str, str | bytes] = field(default_factory=dict)
     images: dict[str, str] = field(default_factory=dict)
     describe: dict[str, Any] | None = None  # the method's settings as run (None: the runner's instance describes)
+    write_extra: Callable[[Path, dict[str, Any]], Any] | None = None
 
 
 def extra_columns(extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood_bench.data import Pair, build_pair
 from ood_bench.data.transforms import PROTOCOLS
+from ood_bench.figures.ood import write_run_figures
 from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics import CONVENTION, ood_metrics
 from ood_bench.results import TABLE_COLUMNS
@@ -57,7 +59,9 @@ class OodTask(Task):
     def data_identity(self, data: DictConfig) -> dict[str, Any]:
         ident = OmegaConf.to_container(data, resolve=True)
         for side in ("id", "ood"):
-            ident[side] = {k: v for k, v in ident[side].items() if k not in ("root", "download")}
+            # where the files are, whether to download them, and the bad-file policy (a run that completes under
+            # on_bad_file=fail would give the same numbers under skip) do not change the numbers
+            ident[side] = {k: v for k, v in ident[side].items() if k not in ("root", "download", "on_bad_file")}
         return ident
 
     def run(
@@ -92,8 +96,16 @@ class OodTask(Task):
             "n_train": pair.meta["n_train"],
             "id_files": pair.meta["id"].get("files", pair.meta["id"]["type"]),
             "ood_files": pair.meta["ood"].get("files", pair.meta["ood"]["type"]),
+            "id_files_skipped": pair.meta["files_skipped"]["id"],
+            "ood_files_skipped": pair.meta["files_skipped"]["ood"],
         }
-        return TaskResult(record, per_sample_columns(pair, s_id, s_ood))
+        per_sample = per_sample_columns(pair, s_id, s_ood)
+        figures = OmegaConf.to_container(cfg.figures, resolve=True) if cfg.get("figures") else {}
+
+        def write_figures(folder: Path, full_record: dict[str, Any]) -> None:
+            write_run_figures(folder, per_sample, method, pair, ctx, record=full_record, **figures)
+
+        return TaskResult(record, per_sample, write_extra=write_figures)
 
 
 def per_sample_columns(pair: Pair, s_id: Scores, s_ood: Scores) -> dict[str, np.ndarray]:
