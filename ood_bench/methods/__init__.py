@@ -1,6 +1,7 @@
 """Methods: one file each, registered by name."""
 
 from ood_bench.methods import (  # noqa: F401  (registration side effects)
+    anomalysd,
     classifier_scores,
     diffguard,
     dlsr,
