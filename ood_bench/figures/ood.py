@@ -121,11 +121,12 @@ def write_score_figures(
 
 @torch.no_grad()
 def lmd_inpaintings(lmd: Any, images: torch.Tensor, indices: np.ndarray, ctx: Any) -> tuple[list, list]:
-    """Masks and inpaintings of ``images`` for every repeat, exactly as ``LMD.score`` draws them.
+    """Masks and inpaintings of ``images`` for every repeat, computed afresh exactly as ``LMD.score`` draws them.
 
     Same model, masks, sampler and per-sample generators (keyed by sample index and repeat) as the scoring, so
-    the grid shows the inpaintings that were scored. Returns ``(masks [reps] of [H,W], inpaintings [reps] of
-    [N,C,H,W])``, nominally in [0,1] (without clipping the sampler may overshoot; the grid clamps for display).
+    they equal the scored inpaintings (the grid reads those from LMD's cache: ``LMD.inpaintings``). Returns
+    ``(masks [reps] of [H,W], inpaintings [reps] of [N,C,H,W])``, nominally in [0,1] (without clipping the sampler
+    may overshoot; the grid clamps for display).
     """
     from ood_bench.samplers import lmd_mask
 
@@ -160,7 +161,13 @@ def lmd_inpainting_grid(
     images = torch.cat([pair.id_test.images[:k_id], pair.ood_test.images[:k_ood]]).cpu()
     indices = np.r_[pair.id_test.indices[:k_id], pair.ood_test.indices[:k_ood]].astype(np.int64)
     splits = ["id"] * k_id + ["ood"] * k_ood
-    masks, recons = lmd_inpaintings(lmd, images, indices, ctx)  # one batch: generators are per sample anyway
+    # the scored inpaintings, read from LMD's cache (a scored run draws its grid without any network call)
+    per_split = [
+        lmd.inpaintings(split.images, split.indices, ctx, first=k)
+        for split, k in ((pair.id_test, k_id), (pair.ood_test, k_ood))
+    ]
+    recons = [torch.cat([part[r][:k].cpu() for part, k in zip(per_split, (k_id, k_ood))]) for r in range(lmd.reps)]
+    masks = [m.cpu() for m in lmd.masks(images.shape[-1])]
     tiles = []
     for j, x in enumerate(images):
         row = [x]
