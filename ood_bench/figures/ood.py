@@ -289,3 +289,101 @@ def auroc_vs_cost(points: pd.DataFrame, path: str | os.PathLike[str], cost: str 
         fontsize=8,
     )
     return _save(fig, path)
+
+
+def lmd_cost_curve(
+    points: pd.DataFrame, path: str | os.PathLike[str], reps_shown: tuple[int, ...] = (1, 2, 5, 10)
+) -> Path:
+    """LMD's AUROC against network evaluations per image (``scripts/lmd_cost_curve.py``), saved to ``path``.
+
+    Left: the full test sets, one line per precision and number of repeats over the sampler steps, for the
+    training setting with the most points. Middle: AUROC against the training budget (training steps) for every
+    sampler setting shared by all training settings, one line per training precision. Right: the reference sampler
+    (``sampler`` other than ddim, e.g. 1000 ancestral steps) on its subset beside our settings on the same subset.
+    """
+    pts = points.copy()
+    full = pts[(pts["subset"] == "all") & (pts["sampler"] == "ddim")]
+    main_label = full["label"].value_counts().idxmax() if len(full) else None
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    styles = {r: ls for r, ls in zip(reps_shown, ("-", "--", "-.", ":"))}
+    colors = {"fp32": "C0", "bf16": "C3", "fp16": "C2"}
+    ax = axes[0]
+    for (prec, reps), grp in full[full["label"] == main_label].groupby(["precision", "reps"]):
+        if reps not in styles:
+            continue
+        grp = grp.sort_values("steps")
+        ax.plot(
+            grp["nfe_per_image"],
+            grp["auroc"],
+            marker="o",
+            ms=3,
+            ls=styles[reps],
+            color=colors.get(prec, "k"),
+            label=f"{prec}, {reps} rep{'s' if reps > 1 else ''}",
+        )
+        for x, y, s in zip(grp["nfe_per_image"], grp["auroc"], grp["steps"]):
+            if reps == max(reps_shown):
+                ax.annotate(f"{s}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_title(f"sampler steps x repeats ({main_label}); labels: steps", fontsize=9)
+    ax = axes[1]
+    shared = full.groupby(["precision", "steps", "reps"])["label"].nunique()
+    settings = shared[shared == full["label"].nunique()].index.tolist() if len(full) else []
+    for prec, steps, reps in settings:
+        if reps != max(full["reps"]):
+            continue
+        sub = full[(full["precision"] == prec) & (full["steps"] == steps) & (full["reps"] == reps)]
+        for tprec, grp in sub.groupby("train_precision"):
+            grp = grp.sort_values("train_steps")
+            ax.plot(
+                grp["train_steps"],
+                grp["auroc"],
+                marker="s",
+                ms=4,
+                color=colors.get(prec, "k"),
+                ls="-" if tprec == "fp32" else "--",
+                label=f"train {tprec}; sample {prec} {steps}x{reps}",
+            )
+    ax.set_xlabel("training steps (batch 64)", fontsize=8)
+    ax.set_title("training budget", fontsize=9)
+    ax = axes[2]
+    ref = pts[pts["sampler"] != "ddim"]
+    for subset, grp in ref.groupby("subset"):
+        for (sampler, steps, prec), g in grp.groupby(["sampler", "steps", "precision"]):
+            g = g[g["reps"].isin(reps_shown)]
+            ax.plot(
+                g["nfe_per_image"],
+                g["auroc"],
+                marker="*",
+                ms=9,
+                ls="",
+                color="k",
+                label=f"{sampler} x {steps} {prec} ({subset}; reps {', '.join(map(str, g['reps']))})",
+            )
+        ours = pts[(pts["subset"] == subset) & (pts["sampler"] == "ddim") & pts["reps"].isin(reps_shown)]
+        for (prec, reps), g in ours.groupby(["precision", "reps"]):
+            g = g.sort_values("steps")
+            ax.plot(
+                g["nfe_per_image"],
+                g["auroc"],
+                marker="o",
+                ms=3,
+                ls=styles.get(reps, "-"),
+                color=colors.get(prec, "k"),
+                label=f"ddim {prec}, {reps} reps ({subset})",
+            )
+    ax.set_title("reference sampler on a subset", fontsize=9)
+    for i, ax in enumerate(axes):
+        if i != 1:
+            ax.set_xscale("log")
+            ax.set_xlabel("network evaluations per image (steps x repeats)", fontsize=8)
+        ax.set_ylabel("AUROC", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=6)
+            low = min(float(np.nanmin(line.get_ydata())) for line in ax.lines)
+            ax.set_ylim(max(0.0, min(low - 0.01, 0.95)), 1.002)
+    fig.suptitle(
+        f"LMD on {', '.join(sorted(pts['data'].unique()))}: AUROC (OOD = positive class) against cost", fontsize=9
+    )
+    return _save(fig, path)
