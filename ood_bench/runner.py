@@ -140,6 +140,7 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
 
     t_start = time.perf_counter()
     memory = PeakMemory(device).start()
+    cpu_start = time.process_time()
     reset_phases()
     ctx = Context(
         device=device,
@@ -151,7 +152,9 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         progress=cfg.progress,
     )
     result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity)
-    costs = {**phase_seconds(), **memory.record(), **run_precision(method, model_cfg)}
+    # CPU seconds of all threads: with threads=1 on a shared machine, about what the run takes alone
+    cpu = {"cpu_seconds": round(time.process_time() - cpu_start, 3)}
+    costs = {**cpu, **phase_seconds(), **memory.record(), **run_precision(method, model_cfg)}
     common = {"method": method.name, "data": cfg.data.name, "config_hash": config_hash}
     record: dict[str, Any] = {
         **common,

@@ -6,7 +6,8 @@
 Each case (``ood_bench/bench.py``: ``CASES``) is one real run (``run.py`` in process, figures off) from an empty
 cache in a temporary folder, so training and feature extraction are timed too. Columns: ``train_s`` (fitting
 networks), ``features_s`` (feature extraction or diffusion inversion), ``scoring_s`` (the rest of fit and score:
-sampling loops, distances, kNN, metrics), ``total_s`` (the whole run: data loading included), ``images_per_s``
+sampling loops, distances, kNN, metrics), ``total_s`` (the whole run: data loading included; wall seconds) and
+``cpu_s`` (its CPU seconds: at ``--threads 1`` on a shared machine, about what it takes alone), ``images_per_s``
 (test images scored per second of scoring), ``nfe_per_image`` (network evaluations per test image),
 ``peak_rss_mb`` / ``peak_cuda_mb``, and for diffusion loops ``efficiency`` = the loop's image-evaluations/s
 divided by a bare forward of the same network at the same batch (``rows``) and precision (limit 1.0). Writes
@@ -64,6 +65,7 @@ def run_case(case: BenchCase, root: Path, threads: int, device: str) -> dict:
         "features_s": features_s,
         "scoring_s": round(float(record["fit_seconds"]) + float(record["score_seconds"]) - train_s - features_s, 3),
         "total_s": float(record["seconds"]),
+        "cpu_s": float(record["cpu_seconds"]),
         "peak_rss_mb": float(record["peak_rss_mb"]),
         "peak_cuda_mb": record.get("peak_cuda_mb", ""),
         "sampling_s": float(record["sampling_seconds"]),
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "bench.csv", index=False)
     shown = ["case", "data", "precision", "images_per_s", "nfe_per_image", "train_s", "features_s", "scoring_s"]
-    shown += ["total_s", "peak_rss_mb", "efficiency"]
+    shown += ["total_s", "cpu_s", "peak_rss_mb", "efficiency"]
     print(table[shown].to_markdown(index=False, floatfmt="g"))
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "

@@ -11,7 +11,8 @@ repeats a run has (mask and noise are keyed by r), so the curve for 1..reps repe
 k per-repeat distances of one run (``dist_rep``): exactly what ``method.reps=k`` scores. Every inpainting goes
 through LMD's cache, so an interrupted curve resumes and a repeated one costs no network call. ``--subset n``
 scores the first n ID and n OOD test images only (for the 1000-step reference) and adds our settings on the same
-subset. Each pass also records its sampling seconds, the network evaluations it ran, a bare UNet forward's rate
+subset. Each pass also records its sampling seconds (wall) and CPU seconds (``score_cpu_s``: at ``--threads 1``
+about what the pass takes on an idle core), the network calls it ran, a bare UNet forward's rate
 at the same batch and precision measured right after it (the loop's efficiency) and the load average.
 """
 
@@ -76,12 +77,17 @@ def curve(args: argparse.Namespace) -> pd.DataFrame:
         for steps in [int(s) for s in args.steps.split(",")]:
             lmd.steps, lmd.precision = steps, precision
             reset_phases()
-            load_before = load_average()
+            load_before, cpu0 = load_average(), time.process_time()
             with count_calls(lmd.model.unet) as calls:
                 dists = [lmd.score(images, ctx, indices=idx).extras["dist_rep"] for images, idx in sides]
-            seconds = phase_seconds()["sampling_seconds"]
+            seconds, cpu_s = phase_seconds()["sampling_seconds"], time.process_time() - cpu0
             batch = min(lmd.eval_batch, min(lmd.batch_size, max(len(x) for x, _ in sides)) * lmd.reps)
-            timing = {"fresh_calls": calls[0], "sampling_s": seconds, "load_avg": f"{load_before} -> {load_average()}"}
+            timing = {
+                "fresh_calls": calls[0],
+                "sampling_s": seconds,
+                "score_cpu_s": cpu_s,  # the whole scoring pass (sampling and distances), CPU seconds of all threads
+                "load_avg": f"{load_before} -> {load_average()}",
+            }
             if calls[0]:
                 rate = bare_rate(unet_forward(cfg, batch, device), batch, device, precision)
                 fresh_evals = sum(len(d) for d in dists) * lmd.reps * steps

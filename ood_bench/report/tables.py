@@ -5,8 +5,8 @@
 * A run matches a paper row by method, data pair (``<id>_<ood>``, paper names mapped by ``DATASET_ALIASES``) and,
   for methods with score variants, the variant (``SETTING_COLUMN``).
 * Every matched setting is checked against the paper's protocol (``PAPER_PROTOCOL``: encoder or model, sampler
-  budget, resize protocol, precision) and the full test sets; a row that differs says how, its delta is shown in brackets,
-  and the deviations its experiment overlay declared (``deviations`` in the results row) are footnotes.
+  budget, resize protocol, precision) and the full test sets; a row that differs says how, its delta is shown in
+  brackets, and the deviations its experiment overlay declared (``deviations`` in the results row) are footnotes.
   Such a row is never presented as a reproduction.
 * Settings that match no paper row go to the ``ours`` table.
 * Anomaly-detection runs (rows with ``image_auroc``) go to their own ``anomaly`` table: each run already holds the

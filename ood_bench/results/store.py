@@ -45,6 +45,7 @@ RESULT_COLUMNS = [
     "score_seconds",
     "nfe_per_image",
     "images_per_s",
+    "cpu_seconds",
     "train_seconds",
     "features_seconds",
     "sampling_seconds",
