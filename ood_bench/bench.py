@@ -75,21 +75,28 @@ def compose_run_config(conf_dir: Path, overrides: list[str], root: Path) -> Dict
 # --------------------------------------------------------------------------------------------------------------
 
 
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock the benchmark times with: CPU seconds of this process on CPU (robust to other jobs sharing the
+    cores when torch runs one thread), wall seconds on CUDA."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def bare_rate(forward: Callable[[], Any], rows: int, device: torch.device, precision: str, repeats: int = 3) -> float:
     """Image-evaluations per second of ``forward()`` (one pass over ``rows`` rows) at ``precision``: best of
-    ``repeats`` timed passes after one warm-up."""
+    ``repeats`` timed passes after one warm-up (``clock(device)``)."""
+    now = clock(device)
     times = []
     with torch.no_grad(), autocast(device, precision):
         for i in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+            t0 = now()
             forward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:
-                times.append(time.perf_counter() - t0)
-    return rows / min(times)
+                times.append(now() - t0)
+    return rows / min(times) if times else float("nan")
 
 
 def unet_batch(

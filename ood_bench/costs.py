@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("train", "features", "sampling")
 _seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+_cpu_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
 
 
 def _sync() -> None:
@@ -33,26 +34,34 @@ def _sync() -> None:
 
 @contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Add the block's wall time to phase ``name`` (CUDA work is waited for, so GPU time lands in its phase)."""
+    """Add the block's wall time (and CPU time) to phase ``name`` (CUDA work is waited for, so GPU time lands in
+    its phase)."""
     if name not in _seconds:
         raise ValueError(f"phase {name!r} is not valid; valid: {list(PHASES)}")
     _sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
         _sync()
         _seconds[name] += time.perf_counter() - t0
+        _cpu_seconds[name] += time.process_time() - c0
 
 
 def reset_phases() -> None:
     for name in _seconds:
-        _seconds[name] = 0.0
+        _seconds[name] = _cpu_seconds[name] = 0.0
 
 
 def phase_seconds() -> dict[str, float]:
     """Seconds spent in each phase since the last reset (``<phase>_seconds`` columns)."""
     return {f"{name}_seconds": round(value, 3) for name, value in _seconds.items()}
+
+
+def phase_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (all threads of this process) spent in each phase since the last reset: with one thread on a
+    shared machine, about the phase's time on an idle core (the benchmark's efficiency ratio uses them on CPU)."""
+    return {f"{name}_cpu_seconds": round(value, 3) for name, value in _cpu_seconds.items()}
 
 
 _STATUS = Path("/proc/self/status")

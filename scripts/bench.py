@@ -10,7 +10,8 @@ sampling loops, distances, kNN, metrics), ``total_s`` (the whole run: data loadi
 ``cpu_s`` (its CPU seconds: at ``--threads 1`` on a shared machine, about what it takes alone), ``images_per_s``
 (test images scored per second of scoring), ``nfe_per_image`` (network evaluations per test image),
 ``peak_rss_mb`` / ``peak_cuda_mb``, and for diffusion loops ``efficiency`` = the loop's image-evaluations/s
-divided by a bare forward of the same network at the same batch (``rows``) and precision (limit 1.0). Writes
+divided by a bare forward of the same network at the same batch (``rows``) and precision (limit 1.0), both timed
+in CPU seconds on CPU (so other jobs on the cores do not skew the ratio) and in wall seconds on CUDA. Writes
 ``bench.csv`` (and ``variants.csv``) to ``--out`` and prints the table with the machine's load average.
 """
 
@@ -22,13 +23,13 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from ood_bench.bench import CASES, BenchCase, bare_rate, compose_run_config, load_average, unet_batch
+from ood_bench.bench import CASES, BenchCase, bare_rate, clock, compose_run_config, load_average, unet_batch
+from ood_bench.costs import phase_cpu_seconds
 from ood_bench.utils import autocast, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,9 @@ def run_case(case: BenchCase, root: Path, threads: int, device: str) -> dict:
     }
     if case.loop is not None and row["sampling_s"] > 0:
         make, rows = case.loop(cfg, record)
-        loop_rate = row["nfe_per_image"] * n_scored / row["sampling_s"]
+        # the same clock as bare_rate: CPU seconds on CPU, wall seconds on CUDA
+        loop_s = row["sampling_s"] if dev.type == "cuda" else phase_cpu_seconds()["sampling_cpu_seconds"]
+        loop_rate = row["nfe_per_image"] * n_scored / loop_s
         bare = bare_rate(make(rows, dev), rows, dev, record["precision"])
         row.update(
             rows=rows,
@@ -101,9 +104,10 @@ def variants(device: torch.device, rows: int = 100, train_rows: int = 64) -> pd.
             for precision in precisions:
                 unet, x, t = unet_batch(cfg, rows, device, channels_last=layout == "channels_last")
                 net = torch.compile(unet) if compiled else unet
-                t0 = time.perf_counter()
+                now = clock(device)
+                t0 = now()
                 bare_rate(lambda net=net, x=x, t=t: net(x, t), rows, device, precision, repeats=0)  # compiles
-                first_s = time.perf_counter() - t0
+                first_s = now() - t0
                 rate = bare_rate(lambda net=net, x=x, t=t: net(x, t), rows, device, precision)
                 row = dict(layout=layout, compile=compiled, precision=precision, forward=rate, first_call_s=first_s)
                 if not compiled:
@@ -119,9 +123,9 @@ def _train_rate(cfg, rows: int, device: torch.device, precision: str, channels_l
     unet, x, t = unet_batch(cfg, rows, device, channels_last=channels_last)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    times = []
+    times, now = [], clock(device)
     for i in range(4):
-        t0 = time.perf_counter()
+        t0 = now()
         with autocast(device, precision):
             loss = (unet(x, t).sample.float() - x).pow(2).mean()
         opt.zero_grad()
@@ -130,7 +134,7 @@ def _train_rate(cfg, rows: int, device: torch.device, precision: str, channels_l
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
     return rows / min(times)
 
 

@@ -12,8 +12,9 @@ k per-repeat distances of one run (``dist_rep``): exactly what ``method.reps=k``
 through LMD's cache, so an interrupted curve resumes and a repeated one costs no network call. ``--subset n``
 scores the first n ID and n OOD test images only (for the 1000-step reference) and adds our settings on the same
 subset. Each pass also records its sampling seconds (wall) and CPU seconds (``score_cpu_s``: at ``--threads 1``
-about what the pass takes on an idle core), the network calls it ran, a bare UNet forward's rate
-at the same batch and precision measured right after it (the loop's efficiency) and the load average.
+about what the pass takes on an idle core), the network calls it ran, the loop's and a bare UNet forward's
+image-evaluations per CPU second at the same batch and precision (their ratio: the loop's efficiency) and the load
+average.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from omegaconf import OmegaConf
 
 from ood_bench.bench import bare_rate, compose_run_config, load_average, unet_forward
 from ood_bench.cache import ArtifactCache
-from ood_bench.costs import phase_seconds, reset_phases
+from ood_bench.costs import phase_cpu_seconds, phase_seconds, reset_phases
 from ood_bench.methods import Context, build_method
 from ood_bench.metrics import ood_metrics
 from ood_bench.tasks.ood import load_pair
@@ -91,7 +92,8 @@ def curve(args: argparse.Namespace) -> pd.DataFrame:
             if calls[0]:
                 rate = bare_rate(unet_forward(cfg, batch, device), batch, device, precision)
                 fresh_evals = sum(len(d) for d in dists) * lmd.reps * steps
-                timing.update(batch=batch, loop_evals_per_s=fresh_evals / seconds, bare_evals_per_s=rate)
+                loop_s = seconds if device.type == "cuda" else phase_cpu_seconds()["sampling_cpu_seconds"]
+                timing.update(batch=batch, loop_evals_per_s=fresh_evals / loop_s, bare_evals_per_s=rate)
                 timing["efficiency"] = timing["loop_evals_per_s"] / rate
             for k in range(1, lmd.reps + 1):
                 s_id, s_ood = (np.median(d[:, :k], axis=1) for d in dists)
