@@ -162,18 +162,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             log.info("bench case %s ...", name)
             rows.append(run_case(CASES[name], base / name, args.threads, args.device))
-    table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "bench.csv", index=False)
-    shown = ["case", "data", "precision", "images_per_s", "nfe_per_image", "train_s", "features_s", "scoring_s"]
-    shown += ["total_s", "cpu_s", "peak_rss_mb", "efficiency"]
-    print(table[shown].to_markdown(index=False, floatfmt="g"))
-    print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, threads={args.threads}, device={resolve_device(args.device)}; load average "
-        f"(1/5/15 min) before -> after each case: " + "; ".join(f"{r['case']}: {r['load_avg']}" for r in rows)
-    )
-    print(f"written: {args.out / 'bench.csv'}")
+    if rows:
+        table = pd.DataFrame(rows)
+        table.to_csv(args.out / "bench.csv", index=False)
+        shown = ["case", "data", "precision", "images_per_s", "nfe_per_image", "train_s", "features_s", "scoring_s"]
+        shown += ["total_s", "cpu_s", "peak_rss_mb", "efficiency"]
+        print(table[shown].to_markdown(index=False, floatfmt="g"))
+        print(
+            f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, threads={args.threads}, device={resolve_device(args.device)}; load average "
+            f"(1/5/15 min) before -> after each case: " + "; ".join(f"{r['case']}: {r['load_avg']}" for r in rows)
+        )
+        print(f"written: {args.out / 'bench.csv'}")
     if args.variants:
         frame = variants(resolve_device(args.device))
         frame.to_csv(args.out / "variants.csv", index=False)
