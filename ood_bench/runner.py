@@ -24,6 +24,7 @@ from ood_bench.errors import ConfigError, config_errors
 from ood_bench.logging import log_to_wandb
 from ood_bench.logging.wandb_logger import WANDB_MODES
 from ood_bench.methods import METHODS, Context, Method, build_method
+from ood_bench.models.classifier import validate_classifier_cfg
 from ood_bench.models.diffusion import validate_model_cfg
 from ood_bench.results import RunStore
 from ood_bench.tasks import Task, get_task
@@ -64,7 +65,13 @@ def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: boo
 
 
 # The seeds in a run's identity: runs that differ only in these are replicates of one setting (mean ± std).
-SEED_KEYS = (("seed",), ("data", "seed"), ("model", "train", "seed"), ("method", "train_seed"))
+SEED_KEYS = (
+    ("seed",),
+    ("data", "seed"),
+    ("model", "train", "seed"),
+    ("method", "train_seed"),
+    ("classifier", "train", "seed"),
+)
 
 
 def setting_hash(identity: dict[str, Any]) -> str:
@@ -126,7 +133,13 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         if method.uses_image_model:
             validate_model_cfg(model_cfg)
         method.check(cfg.data.image_size, cfg.data.channels, model_cfg if method.uses_image_model else None)
+        classifier_cfg = None
+        if method.uses_classifier:  # only then: the config hashes of the other methods stay as they were
+            classifier_cfg = OmegaConf.to_container(cfg.classifier, resolve=True)
+            validate_classifier_cfg(classifier_cfg)
     identity = config_identity(cfg, method_cfg, method.uses_image_model, set(method.runtime_keys))
+    if classifier_cfg is not None:
+        identity["classifier"] = classifier_cfg
     config_hash = stable_hash(identity)
     store = RunStore(cfg.paths.results_dir, method.name, cfg.data.name, config_hash)
     if on_store is not None:
@@ -150,6 +163,7 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         model_cfg=model_cfg,
         data_meta={},
         progress=cfg.progress,
+        classifier_cfg=classifier_cfg,
     )
     result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity)
     # CPU seconds of all threads: with threads=1 on a shared machine, about what the run takes alone

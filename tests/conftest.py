@@ -35,7 +35,7 @@ WEIGHTS_DIR = Path(os.environ["OOD_BENCH_WEIGHTS"])
 
 # Settings that make a full run tiny on a 2-core CPU: a ~20 k parameter UNet without attention in the
 # down/up path, a handful of training steps and a short sampler (the `cfg_tiny` fixture: in-process runs).
-TINY_RUN_OVERRIDES = [
+TINY_MODEL_OVERRIDES = [
     "debug=default",
     "model.unet.block_out_channels=[8,16]",
     "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
@@ -44,9 +44,8 @@ TINY_RUN_OVERRIDES = [
     "model.unet.attention_head_dim=8",
     "model.train.steps=5",
     "model.train.batch_size=8",
-    "method.reps=2",
-    "method.steps=4",
 ]
+TINY_RUN_OVERRIDES = [*TINY_MODEL_OVERRIDES, "method.reps=2", "method.steps=4"]
 
 
 def load_script(name: str):
@@ -200,3 +199,29 @@ def weights_dir_with_b4(tmp_path_factory) -> Path:
             (folder / f.name).symlink_to(f.resolve())
     torch.save(random_efficientnet_b4_state(), folder / EFFICIENTNET_B4_FILE)
     return folder
+
+
+def small_cnn_cfg(steps: int = 40) -> dict:
+    """Settings of a width-8 small CNN classifier that trains in about a second on 8-px digits."""
+    train = {"steps": steps, "batch_size": 32, "lr": 0.01, "weight_decay": 0.0, "shift": 1, "hflip": False, "seed": 0}
+    return {
+        "name": "small_cnn",
+        "kind": "small_cnn",
+        "width": 8,
+        "mean": None,
+        "std": None,
+        "input_size": None,
+        "cam_layer": "features.-1",
+        "train": train,
+    }
+
+
+def sklearn_digits(classes: tuple[int, ...] = (0, 1)):
+    """The 8x8 sklearn digits of ``classes`` as float ``[N, 1, 8, 8]`` in ``[0, 1]`` and their labels."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.isin(d.target, classes)
+    return torch.tensor(d.images[keep] / 16.0, dtype=torch.float32)[:, None], d.target[keep]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import CONF_DIR
@@ -15,12 +17,14 @@ from ood_bench.data.download import DOWNLOADS
 from ood_bench.data.transforms import PROTOCOLS
 from ood_bench.logging.wandb_logger import WANDB_MODES
 from ood_bench.methods import METHODS, build_method
+from ood_bench.models.classifier import KINDS as CLASSIFIER_KINDS
+from ood_bench.models.classifier import SmallCNN, load_cifar_resnet, resolve_module, validate_classifier_cfg
 from ood_bench.models.diffusion import PREDICTION_TYPES, build_unet
 from ood_bench.runner import LOGGERS, run, validate
 from ood_bench.tasks import get_task
 from ood_bench.tasks.anomaly import MODES
 
-CONFIG_GROUPS = ("data", "method", "model", "logger")
+CONFIG_GROUPS = ("data", "method", "model", "logger", "classifier")
 
 
 def choices(group: str, nested: bool = True) -> list[str]:
@@ -60,6 +64,7 @@ def check_common(cfg) -> None:
     assert cfg.method.name in METHODS, f"method.name={cfg.method.name!r} not registered: {sorted(METHODS)}"
     assert cfg.model.name and "scheduler" in cfg.model and "unet" in cfg.model
     assert cfg.logger.name in LOGGERS
+    assert cfg.classifier.name and cfg.classifier.kind in CLASSIFIER_KINDS
     for key in ("results_dir", "cache_dir", "log_dir", "data_dir", "weights_dir", "output_dir"):
         assert OmegaConf.select(cfg, f"paths.{key}") is not None
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -72,7 +77,7 @@ def check_common(cfg) -> None:
 
 
 def test_groups_are_not_empty():
-    for group in ("data", "method", "model", "logger", "dataset"):
+    for group in ("data", "method", "model", "logger", "dataset", "classifier"):
         assert choices(group), group
     assert "digits" in choices("data") and "lmd" in choices("method")
 
@@ -162,6 +167,29 @@ def test_model_config_composes_and_builds(hydra_conf, tmp_path, choice):
     assert unet.config.sample_size == 32 and unet.config.in_channels == 3 == unet.config.out_channels
 
 
+@pytest.mark.parametrize("choice", choices("classifier"))
+def test_classifier_config_composes_and_builds(hydra_conf, tmp_path, choice):
+    """Every classifier config validates, and its network builds with the CAM layer it names (weights are loaded
+    where they exist offline: the CIFAR ResNets; torchvision's ImageNet weights need a download)."""
+    import torchvision
+
+    cfg = hydra_conf([f"classifier={choice}"], tmp_path)
+    check_common(cfg)
+    c = OmegaConf.to_container(cfg.classifier, resolve=True)
+    assert c["name"] == choice
+    validate_classifier_cfg(c)
+    if c["kind"] == "small_cnn":
+        net = SmallCNN(3, 10, c["width"])
+    elif c["kind"] == "cifar_resnet":
+        weights = Path(cfg.paths.weights_dir)
+        if not (weights / c["checkpoint"]).is_file():
+            pytest.skip(f"{c['checkpoint']} absent from {weights}")
+        net = load_cifar_resnet(c, weights).net
+    else:
+        net = torchvision.models.get_model(c["arch"], weights=None, num_classes=c["num_classes"])
+    resolve_module(net, c["cam_layer"])
+
+
 @pytest.mark.parametrize("choice", choices("logger"))
 def test_logger_config_composes(hydra_conf, tmp_path, choice):
     cfg = hydra_conf([f"logger={choice}"], tmp_path)
@@ -198,7 +226,7 @@ def test_experiment_config_composes(hydra_conf, tmp_path, choice, weights_dir_wi
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group", ["data", "method", "model", "logger"])
+@pytest.mark.parametrize("group", ["data", "method", "model", "logger", "classifier"])
 def test_wrong_group_choice_lists_valid_choices(hydra_conf, tmp_path, group):
     with pytest.raises(HydraException) as err:
         hydra_conf([f"{group}=nope"], tmp_path)

@@ -446,3 +446,32 @@ def test_pair_rejects_an_empty_split_instead_of_collapsing_the_resolution(digits
     with pytest.raises(ValueError) as err:
         build_pair("tex_vs_digits", tex, digits, image_size=32, channels=3, n_id_test=5, n_ood_test=5)
     assert "textures" in str(err.value) and "train" in str(err.value)
+
+
+def test_image_list_source_reads_openood_lists(tmp_path):
+    """OpenOOD-style lists: '<path> <label>' lines relative to an image root; images of any size are resized
+    (shorter side) and centre-cropped, so they stack into one tensor."""
+    from ood_bench.data import DatasetNotFoundError, ImageListSource
+
+    root = tmp_path / "data"
+    (root / "images" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    sizes = [(40, 30), (30, 50), (64, 64)]
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / "a" / f"{i}.png")
+    (root / "lists").mkdir()
+    (root / "lists" / "test.txt").write_text("a/0.png 3\na/1.png -1\n\na/2.png 7\n")
+    src = ImageListSource("toy", str(root), "lists/test.txt", image_root="images", resize=24, crop=20)
+    np.testing.assert_array_equal(src.labels("test"), [3, -1, 7])
+    x = src.images("test", [2, 0, 1])
+    assert x.shape == (3, 3, 20, 20) and x.dtype == torch.uint8
+    # the centre crop of the resized image: a uniform-colour image stays uniform, its colour kept
+    Image.fromarray(np.full((30, 60, 3), 200, dtype=np.uint8)).save(root / "images" / "a" / "2.png")
+    assert int(src.images("test", [2]).float().std()) == 0 and int(src.images("test", [2])[0, 0, 0, 0]) == 200
+    with pytest.raises(DatasetNotFoundError, match="no train list"):
+        src.labels("train")
+    (root / "lists" / "bad.txt").write_text("a/0.png three\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: expected '<path> <integer label>'"):
+        ImageListSource("bad", str(root), "lists/bad.txt").labels("test")
+    with pytest.raises(DatasetNotFoundError, match="image list .*missing.txt not found"):
+        ImageListSource("gone", str(root), "missing.txt").labels("test")

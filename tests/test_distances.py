@@ -55,7 +55,7 @@ def test_unknown_distance_names_valid_choices() -> None:
         build_distance("l3")
 
 
-@pytest.mark.parametrize("name", ["mse", "ssim"])
+@pytest.mark.parametrize("name", ["mse", "ssim", "l1"])
 def test_distance_grows_with_perturbation(name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 16, 16, generator=gen)
@@ -65,3 +65,27 @@ def test_distance_grows_with_perturbation(name: str) -> None:
     large = d(x, (x + 0.3 * noise).clamp(0, 1))
     assert torch.allclose(d(x, x), torch.zeros(4), atol=1e-6)
     assert bool((large > small).all())
+
+
+@pytest.mark.skipif(not (WEIGHTS / "vgg16_features_imagenet.pth").is_file(), reason="offline VGG16 weights absent")
+@pytest.mark.skipif(not (WEIGHTS / "dists_alpha_beta.pt").is_file(), reason="offline DISTS weights absent")
+@pytest.mark.skipif(not CALIB.is_dir(), reason="iqa_calibration data absent")
+def test_dists_matches_official_values_at_full_resolution() -> None:
+    """piq's DISTS with the local VGG16 and alpha/beta files reproduces the official values (512x384 images,
+    not downsampled: piq's own forward would shrink them to 256 px and give 0.438 instead of 0.474 on I03)."""
+    with open(CALIB / "results_official.csv", newline="") as f:
+        official = {row["Method"]: row for row in csv.DictReader(f)}["dists"]
+    dist = build_distance("dists", weights_dir=WEIGHTS)
+    assert dist.describe() == "dists(file:vgg16_features_imagenet.pth+dists_alpha_beta.pt)"
+    value = float(dist(_load(CALIB / "ref" / "I03.bmp"), _load(CALIB / "dist" / "I03.bmp")))
+    assert value == pytest.approx(float(official["I03.bmp"]), abs=2e-5)
+
+
+@pytest.mark.skipif(not (WEIGHTS / "dists_alpha_beta.pt").is_file(), reason="offline DISTS weights absent")
+def test_dists_small_grey_images_and_missing_weights(tmp_path: Path) -> None:
+    dist = build_distance("dists", weights_dir=WEIGHTS)
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(dist(x, x), torch.zeros(3), atol=1e-5)
+    assert bool((dist(x, torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))) > 0.05).all())
+    with pytest.raises(FileNotFoundError, match="dists_alpha_beta.pt"):
+        build_distance("dists", weights_dir=tmp_path)

@@ -389,3 +389,81 @@ class TorchvisionSource(ArraySource):
         d = super().describe()
         d["files"] = "image_folder:" + str(self.fallback.path) if self._fallback_ready() else "torchvision"
         return d
+
+
+class ImageListSource(Source):
+    """Images named in list files, one ``<relative path> <label>`` per line (OpenOOD's ``benchmark_imglist``
+    format), relative to ``<root>/<image_root>``. Each image is resized (shorter side to ``resize``, bilinear) and
+    centre-cropped to ``crop`` x ``crop`` as OpenOOD's test transform, so images of any size form one tensor.
+    A list given as a relative path is looked up under ``root``. ``train_list: null`` makes a test-only set.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        test_list: str,
+        train_list: str | None = None,
+        image_root: str = "",
+        resize: int = 256,
+        crop: int = 224,
+        hint: str = "",
+    ) -> None:
+        if crop > resize:
+            raise ValueError(f"{name}: crop={crop} is larger than resize={resize}")
+        self.name, self.root, self.image_root = name, Path(root), image_root
+        self.lists = {"train": train_list, "test": test_list}
+        self.resize, self.crop, self.hint = resize, crop, hint
+        self._index: dict[str, tuple[list[str], np.ndarray]] = {}
+
+    def _list_path(self, split: str) -> Path:
+        ref = self.lists[split]
+        if ref is None:
+            raise DatasetNotFoundError(f"{self.name}: no {split} list configured (a test-only set)")
+        path = Path(ref).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def _get(self, split: str) -> tuple[list[str], np.ndarray]:
+        _check_split(split)
+        if split not in self._index:
+            path = self._list_path(split)
+            if not path.is_file():
+                raise DatasetNotFoundError(
+                    f"{self.name}: image list {path} not found. Set paths.data_dir (or OOD_BENCH_DATA) to the folder "
+                    f"that holds it. {self.hint}".strip()
+                )
+            files, labels = [], []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    files.append(parts[0])
+                    labels.append(int(parts[1]) if len(parts) > 1 else 0)
+                except ValueError as err:
+                    raise ValueError(f"{path}:{n}: expected '<path> <integer label>', got {line!r}") from err
+            self._index[split] = (files, np.asarray(labels, dtype=np.int64))
+        return self._index[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._get(split)[1]
+
+    def _load(self, rel: str) -> np.ndarray:
+        path = self.root / self.image_root / rel
+        if not path.is_file():
+            raise DatasetNotFoundError(f"{self.name}: image {path} (listed in the {self.name} list) not found")
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = self.resize / min(w, h)
+            im = im.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            return np.asarray(im.crop((left, top, left + self.crop, top + self.crop)))
+
+    def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+        files = self._get(split)[0]
+        arrays = [self._load(files[int(i)]) for i in indices]
+        if not arrays:
+            return torch.zeros(0, 3, self.crop, self.crop, dtype=torch.uint8)
+        return _to_nchw_uint8(np.stack(arrays))

@@ -1,4 +1,4 @@
-"""Distance registry: ``mse``, ``ssim`` (1 - SSIM) and ``lpips`` (alex, vgg or squeeze)."""
+"""Distance registry: ``mse``, ``l1``, ``ssim`` (1 - SSIM), ``lpips`` (alex, vgg or squeeze) and ``dists``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ class MSE(Distance):
         return (x - y).pow(2).flatten(1).mean(1)
 
 
+class L1(Distance):
+    """Mean absolute difference per image."""
+
+    name = "l1"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x - y).abs().flatten(1).mean(1)
+
+
 class SSIMDistance(Distance):
     """``1 - SSIM`` (scikit-image, ``data_range=1``, Gaussian-free 7x7 window as in LMD's code)."""
 
@@ -51,19 +60,27 @@ class SSIMDistance(Distance):
         return torch.as_tensor(np.asarray(vals), dtype=torch.float32, device=x.device)
 
 
-DISTANCES = ("lpips", "mse", "ssim")
+DISTANCES = ("lpips", "mse", "ssim")  # LMD's choices
+IMAGE_DISTANCES = (*DISTANCES, "l1", "dists")  # everything build_distance makes
 
 
 def build_distance(
     name: str, *, lpips_net: str = "alex", lpips_weights: str = "auto", weights_dir: str | Path | None = None
 ) -> Distance:
-    """The distance called ``name``; LPIPS needs ImageNet backbone weights (see ``distances/lpips.py``)."""
+    """The distance called ``name``; LPIPS and DISTS need ImageNet VGG/AlexNet weights (``distances/lpips.py``,
+    ``distances/dists.py``)."""
     if name == "mse":
         return MSE()
+    if name == "l1":
+        return L1()
+    if name == "dists":
+        from ood_bench.distances.dists import DISTSDistance
+
+        return DISTSDistance(weights_dir=weights_dir)
     if name == "ssim":
         return SSIMDistance()
     if name == "lpips":
         from ood_bench.distances.lpips import LPIPSDistance
 
         return LPIPSDistance(net=lpips_net, weights=lpips_weights, weights_dir=weights_dir)
-    raise ValueError(f"distance={name!r} is not valid; valid: {list(DISTANCES)}")
+    raise ValueError(f"distance={name!r} is not valid; valid: {list(IMAGE_DISTANCES)}")

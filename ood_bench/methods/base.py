@@ -34,6 +34,8 @@ class Context:
     model_cfg: dict[str, Any] | None = None
     data_meta: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    #: the ``classifier`` settings, handed only to methods with ``uses_classifier``
+    classifier_cfg: dict[str, Any] | None = None
 
 
 @dataclass
@@ -71,6 +73,8 @@ class Method(ABC):
     tasks: ClassVar[tuple[str, ...]] = ("ood",)
     #: whether the method uses the image diffusion model of the ``model`` config group
     uses_image_model: ClassVar[bool] = False
+    #: whether the method uses the classifier of the ``classifier`` config group (then it joins the config hash)
+    uses_classifier: ClassVar[bool] = False
     #: constructor arguments that do not change the numbers (left out of the config hash)
     runtime_keys: ClassVar[tuple[str, ...]] = ("batch_size", "weights_dir")
 

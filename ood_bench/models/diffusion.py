@@ -5,6 +5,11 @@ trains one on the ID training images and caches it under a key hashed from the d
 and the training settings; the next run with the same key loads it instead of training. ``model.train.precision``
 (``fp32`` | ``bf16`` | ``fp16``) runs the training forward pass and loss under autocast (fp16 with a gradient
 scaler, CUDA only); the weights, the optimizer and EMA stay float32.
+
+A class-conditional model (``model_cfg["conditioning"] = {num_classes: K, label_dropout: p}``, set by a method
+that needs one) has ``K + 1`` class embeddings, the last one the null class; training replaces each label by
+the null class with probability ``p`` (classifier-free guidance). Its cache key adds the conditioning and the
+labels; an unconditional model keeps the key it always had.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ class DiffusionModel:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    @property
+    def num_classes(self) -> int | None:
+        """Number of real classes of a class-conditional model (its null class has this index), else None."""
+        n = self.unet.config.get("num_class_embeds")
+        return None if n is None else int(n) - 1
+
     def ddim(self, **overrides: Any) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler_config, **overrides)
 
@@ -54,8 +65,10 @@ class DiffusionModel:
         return DDPMScheduler.from_config(self.scheduler_config, **overrides)
 
 
-def build_unet(unet_cfg: dict[str, Any], sample_size: int, channels: int) -> UNet2DModel:
-    """A fresh ``UNet2DModel`` from the ``model.unet`` settings."""
+def build_unet(
+    unet_cfg: dict[str, Any], sample_size: int, channels: int, num_class_embeds: int | None = None
+) -> UNet2DModel:
+    """A fresh ``UNet2DModel`` from the ``model.unet`` settings (with class embeddings when asked)."""
     cfg = dict(unet_cfg)
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         cfg[key] = tuple(cfg[key])
@@ -67,6 +80,8 @@ def build_unet(unet_cfg: dict[str, Any], sample_size: int, channels: int) -> UNe
     downsamples = len(cfg["block_out_channels"]) - 1
     if sample_size % (2**downsamples):
         raise ValueError(f"data.image_size={sample_size} must be divisible by 2^{downsamples} for this UNet")
+    if num_class_embeds is not None:
+        cfg["num_class_embeds"] = int(num_class_embeds)
     return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **cfg)
 
 
@@ -86,8 +101,12 @@ def train_unet(
     out_dir: Path,
     progress: bool = True,
     resume_dir: Path | None = None,
+    labels: torch.Tensor | None = None,
 ) -> None:
     """Train a UNet on ``images`` (float ``[0,1]``) and save the EMA weights and the schedule to ``out_dir``.
+
+    A class-conditional model (``model_cfg["conditioning"]``) needs ``labels``: class indices in
+    ``[0, num_classes)``.
 
     Initialisation, dropout and every draw are seeded by ``model.train.seed`` (the global RNG state is
     restored afterwards), so the same cache key always yields the same weights on the same device.
@@ -97,7 +116,7 @@ def train_unet(
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(model_cfg["train"]["seed"]))
-        _train_unet(images, model_cfg, device, out_dir, progress, resume_dir)
+        _train_unet(images, model_cfg, device, out_dir, progress, resume_dir, labels)
 
 
 def _train_unet(
@@ -107,10 +126,16 @@ def _train_unet(
     out_dir: Path,
     progress: bool,
     resume_dir: Path | None,
+    labels: torch.Tensor | None,
 ) -> None:
     tcfg = model_cfg["train"]
     sched = DDPMScheduler(**model_cfg["scheduler"])
-    unet = build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"]).to(device)
+    cond = model_cfg.get("conditioning")
+    if cond and (labels is None or len(labels) != len(images)):
+        raise ValueError("a class-conditional diffusion model needs one label per training image")
+    null_class = int(cond["num_classes"]) if cond else None
+    n_embeds = null_class + 1 if cond else None
+    unet = build_unet(model_cfg["unet"], model_cfg["sample_size"], model_cfg["channels"], n_embeds).to(device)
     ema = EMAModel(unet.parameters(), decay=tcfg["ema_decay"], use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(unet.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     warmup = max(1, int(tcfg["warmup_steps"]))
@@ -153,8 +178,12 @@ def _train_unet(
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        y = None
+        if cond:  # labels, each replaced by the null class with probability label_dropout (for CFG)
+            drop = torch.rand(bs, generator=gen) < float(cond["label_dropout"])
+            y = torch.where(drop, torch.full_like(labels[idx], null_class), labels[idx]).to(device)
         with autocast(device, precision, key="model.train.precision"):
-            pred = unet(sched.add_noise(x0, noise, t), t).sample
+            pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
             loss = F.mse_loss(pred.float(), _train_target(sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -234,14 +263,15 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
     return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
 
 
-def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:
-    """Everything that determines a trained model: data content, architecture, schedule, training.
+def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    """Everything that determines a trained model: data content, architecture, schedule, training (and, for a
+    class-conditional model, the conditioning settings and the labels).
 
     The training precision is part of the key; ``fp32`` (the loop before precisions existed) is left out, so
     models trained before keep their keys.
     """
     train = {k: v for k, v in model_cfg["train"].items() if not (k == "precision" and v == "fp32")}
-    return {
+    spec = {
         "version": CACHE_VERSION,
         "data": tensor_fingerprint(images),
         "sample_size": model_cfg["sample_size"],
@@ -250,6 +280,10 @@ def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor) -> dict[str, Any
         "scheduler": model_cfg["scheduler"],
         "train": train,
     }
+    if model_cfg.get("conditioning"):
+        spec["conditioning"] = model_cfg["conditioning"]
+        spec["labels"] = tensor_fingerprint(torch.as_tensor(labels))
+    return spec
 
 
 def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
@@ -265,23 +299,38 @@ def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
         precision = model_cfg["train"].get("precision", "fp32")
         if precision not in PRECISIONS:
             raise ValueError(f"model.train.precision={precision!r} is not valid; valid: {list(PRECISIONS)}")
+    cond = model_cfg.get("conditioning")
+    if cond:
+        n, p = cond.get("num_classes"), cond.get("label_dropout")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"conditioning num_classes={n!r} is not valid; use a positive integer")
+        if not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+            raise ValueError(f"label_dropout={p!r} is not valid; use 0 <= label_dropout < 1")
 
 
 def get_diffusion_model(
-    model_cfg: dict[str, Any], images: torch.Tensor, cache: ArtifactCache, device: torch.device, progress: bool = True
+    model_cfg: dict[str, Any],
+    images: torch.Tensor,
+    cache: ArtifactCache,
+    device: torch.device,
+    progress: bool = True,
+    labels: torch.Tensor | None = None,
 ) -> DiffusionModel:
-    """Load the pretrained model, or the cached model trained on ``images``, training it first if needed."""
+    """Load the pretrained model, or the cached model trained on ``images``, training it first if needed.
+
+    ``labels`` (class indices) train a class-conditional model when ``model_cfg["conditioning"]`` is set.
+    """
     validate_model_cfg(model_cfg)
     if model_cfg.get("pretrained"):
         return load_pretrained(model_cfg, device)
     check_precision(model_cfg["train"].get("precision", "fp32"), device, key="model.train.precision")
-    spec = cache_spec(model_cfg, images)
+    spec = cache_spec(model_cfg, images, labels)
     # Training checkpoints live beside the cache entry until the entry is complete.
     resume_dir = cache.entry(CACHE_KIND, f".partial-{cache.key(CACHE_KIND, spec)}")
     entry, created = cache.get_or_create(
         CACHE_KIND,
         spec,
-        lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress, resume_dir=resume_dir),
+        lambda tmp: train_unet(images, model_cfg, device, tmp, progress=progress, resume_dir=resume_dir, labels=labels),
     )
     if resume_dir.exists():
         shutil.rmtree(resume_dir)
