@@ -5,7 +5,7 @@ export OOD_BENCH_DATA ?= $(abspath ../shared/data)
 export OOD_BENCH_WEIGHTS ?= $(abspath ../shared/weights)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-full lint format clean clean-logs tables figures
+.PHONY: help install run test test-full lint format clean clean-logs tables figures bench
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ tables: ## Paper tables from results/runs.csv: ours, the paper's number, delta (
 
 figures: ## AUROC against NFE and seconds per image across runs (results/figures), missing per-run ROC figures
 	PYTHONPATH=$(CURDIR) $(PY) scripts/make_figures.py $(ARGS)
+
+bench: ## Time every method (images/s, NFE, time per phase, peak memory, loop efficiency) -> results/bench/bench.csv
+	PYTHONPATH=$(CURDIR) $(PY) scripts/bench.py $(ARGS)
 
 test: ## Default test suite (excludes tests marked slow)
 	$(PY) -m pytest -m "not slow" -q

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.costs import PeakMemory, phase_seconds, reset_phases
 from ood_bench.devices import claim_device, hydra_job_num
 from ood_bench.errors import ConfigError, config_errors
 from ood_bench.logging import log_to_wandb
@@ -94,6 +95,14 @@ def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float:
     return float(record[key])
 
 
+def run_precision(method: Method, model_cfg: dict[str, Any]) -> dict[str, str]:
+    """The precision of the method's network evaluations and, for a trained image diffusion model, its training."""
+    out = {"precision": str(getattr(method, "precision", "fp32"))}
+    if method.uses_image_model and not model_cfg.get("pretrained"):
+        out["train_precision"] = str(model_cfg["train"].get("precision", "fp32"))
+    return out
+
+
 def check_task(task: Task, method: Method, data_name: str) -> None:
     """Refuse a method that does not serve the data's task, naming both and the methods that would."""
     if task.name not in method.tasks:
@@ -143,6 +152,9 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         return record
 
     t_start = time.perf_counter()
+    memory = PeakMemory(device).start()
+    cpu_start = time.process_time()
+    reset_phases()
     ctx = Context(
         device=device,
         cache=ArtifactCache(cfg.paths.cache_dir),
@@ -154,12 +166,16 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         classifier_cfg=classifier_cfg,
     )
     result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity)
+    # CPU seconds of all threads: with threads=1 on a shared machine, about what the run takes alone
+    cpu = {"cpu_seconds": round(time.process_time() - cpu_start, 3)}
+    costs = {**cpu, **phase_seconds(), **memory.record(), **run_precision(method, model_cfg)}
     common = {"method": method.name, "data": cfg.data.name, "config_hash": config_hash}
     record: dict[str, Any] = {
         **common,
         "setting_hash": setting_hash(identity),
         **result.record,
         "seconds": round(time.perf_counter() - t_start, 3),
+        **costs,
         "device": str(device),
         "git_commit": git_commit(),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

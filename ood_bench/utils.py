@@ -90,26 +90,34 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-AMP_CHOICES = ("none", "fp16", "bf16")
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# One precision vocabulary for every network evaluation: diffusion training (model.train.precision), diffusion
+# sampling and feature encoders (method.precision). fp32 = full precision; bf16 / fp16 = torch.autocast.
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def check_amp(amp: str, device: torch.device, key: str = "method.amp") -> None:
-    """Raise when mixed precision ``amp`` is unknown or not supported on ``device``."""
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"{key}={amp!r} is not valid; valid: {list(AMP_CHOICES)}")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"{key}=fp16 needs a CUDA device (running on {device}); use {key}=bf16 or none here")
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"{key}=bf16 is not supported by this GPU; use {key}=fp16 or none")
+def check_precision(precision: str, device: torch.device, key: str = "method.precision") -> None:
+    """Raise when ``precision`` is unknown or not supported on ``device``, naming ``key`` and what would work.
+
+    ``fp16`` needs CUDA (CPUs run it emulated, slower than fp32); ``bf16`` runs on CPUs (fast with AVX-512 bf16 /
+    AMX) and on GPUs that support it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"{key}={precision!r} is not valid; valid: {list(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"{key}=fp16 needs a CUDA device (running on {device}); use {key}=bf16 or fp32 here")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{key}=bf16 is not supported by this GPU; use {key}=fp16 or fp32")
 
 
-def autocast(device: torch.device, amp: str = "none") -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp`` (``fp16`` / ``bf16``) on ``device``; a no-op context for ``none``."""
-    check_amp(amp, device)
-    if amp == "none":
+def autocast(
+    device: torch.device, precision: str = "fp32", key: str = "method.precision"
+) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``precision`` (``bf16`` / ``fp16``) on ``device``; a no-op context for ``fp32``."""
+    check_precision(precision, device, key)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 @contextmanager

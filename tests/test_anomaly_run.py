@@ -57,6 +57,9 @@ def test_run_folder_holds_rows_scores_shots_and_figure(knn_run):
     rows = read_csv(run_dir / "rows.csv")
     assert [(r["category"], r["shot_seed"]) for r in rows] == [("bottle", s) for s in ("0", "1", "mean", "std")]
     assert {r["config_hash"] for r in rows} == {run_dir.name} and {r["method"] for r in rows} == {"patch_knn"}
+    summary = read_csv(run_dir / "summary.csv")[0]  # the runner's cost columns, as in OOD rows
+    assert summary["precision"] == "fp32" and float(summary["peak_rss_mb"]) > 100
+    assert float(summary["features_seconds"]) > 0 and float(summary["cpu_seconds"]) > 0
     # scores.csv: every test image once per shot seed; the rows' image metrics follow from it
     scores = read_csv(run_dir / "scores.csv")
     assert len(scores) == 2 * int(rows[0]["n_test"]) == 24

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.metrics import CONVENTION
-from ood_bench.models.diffusion import CACHE_KIND, get_diffusion_model, load_pretrained
+from ood_bench.models.diffusion import CACHE_KIND, cache_spec, get_diffusion_model, load_pretrained
 from ood_bench.results import RESULT_COLUMNS, RunStore, format_table
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +129,7 @@ def tiny_model_cfg(**train):
             "ema_decay": 0.9,
             "hflip": False,
             "grad_clip": 1.0,
+            "precision": "fp32",
             "seed": 0,
         },
         "sample_size": 8,
@@ -196,6 +197,30 @@ def test_diffusion_cache_key_follows_data_and_settings(tmp_path, train_images, c
     assert len({a.source, b.source, c.source}) == 3
     assert len(_entries(tmp_path / "cache", CACHE_KIND)[0]) == 3
     assert caplog.text.count("training UNet") == 3
+
+
+def test_training_precision_is_in_the_key_and_fp32_keeps_the_old_key(tmp_path, train_images):
+    """bf16 training (autocast) is its own cache entry with other weights; fp32 is the loop it always was, so its
+    key is the key of a config without the setting (models trained before the setting existed stay valid)."""
+    dev = torch.device("cpu")
+    cache = ArtifactCache(tmp_path / "cache")
+    old = tiny_model_cfg(steps=3)
+    del old["train"]["precision"]
+    fp32, bf16 = tiny_model_cfg(steps=3, precision="fp32"), tiny_model_cfg(steps=3, precision="bf16")
+    assert cache.key(CACHE_KIND, cache_spec(fp32, train_images)) == cache.key(CACHE_KIND, cache_spec(old, train_images))
+    a = get_diffusion_model(fp32, train_images, cache, dev, progress=False)
+    b = get_diffusion_model(bf16, train_images, cache, dev, progress=False)
+    assert a.source != b.source and len(_entries(tmp_path / "cache", CACHE_KIND)[0]) == 2
+    sa, sb = _state(a), _state(b)
+    assert not _same_weights(sa, sb)  # autocast really ran
+    assert all(v.dtype == torch.float32 for v in sb.values())  # weights stay float32
+    assert max(float((sa[k] - sb[k]).abs().max()) for k in sa) < 0.05  # three small steps apart
+    with pytest.raises(ValueError, match=r"model.train.precision=fp16 needs a CUDA device.*bf16 or fp32"):
+        get_diffusion_model(tiny_model_cfg(precision="fp16"), train_images, cache, dev, progress=False)
+    with pytest.raises(
+        ValueError, match=r"model.train.precision='half' is not valid; valid: \['fp32', 'bf16', 'fp16'\]"
+    ):
+        get_diffusion_model(tiny_model_cfg(precision="half"), train_images, cache, dev, progress=False)
 
 
 def test_training_is_reproducible(tmp_path, train_images):
@@ -308,6 +333,14 @@ def _record(config_hash, **extra):
         "score_seconds": 0.5,
         "nfe_per_image": 8.0,
         "images_per_s": 10.0,
+        "cpu_seconds": 1.4,
+        "train_seconds": 0.8,
+        "features_seconds": 0.0,
+        "sampling_seconds": 0.4,
+        "peak_rss_mb": 512.0,
+        "peak_cuda_mb": 0.0,
+        "precision": "fp32",
+        "train_precision": "fp32",
         "device": "cpu",
         "git_commit": "abc",
         "timestamp": "2026-01-01T00:00:00+00:00",

@@ -214,8 +214,8 @@ def test_encoder_and_kwargs_validation() -> None:
         DLSR(recon="ldm", encoder_weights="none")
     with pytest.raises(ValueError, match="recon=official needs 1 <= t"):
         DLSR(t=0, encoder_weights="none")
-    with pytest.raises(ValueError, match=r"method.amp='fp8' is not valid; valid: \['none', 'fp16', 'bf16'\]"):
-        DLSR(amp="fp8", encoder_weights="none")
+    with pytest.raises(ValueError, match=r"method.precision='fp8' is not valid; valid: \['fp32', 'bf16', 'fp16'\]"):
+        DLSR(precision="fp8", encoder_weights="none")
     with pytest.raises(ValueError, match=r"method.lr_noise='same'"):
         DLSR(lr_noise="same", encoder_weights="none")
 
@@ -512,9 +512,9 @@ def test_lr_checkpoints_draw_independent_noise(fm_pair, cache_dir, mfsim_run) ->
     np.testing.assert_array_equal(lr["independent"].extras["mse"], lr["shared"].extras["mse"])
 
 
-def test_amp_bf16_on_cpu_and_fp16_needs_cuda(fm_pair, cache_dir, mfsim_run) -> None:
+def test_precision_bf16_on_cpu_and_fp16_needs_cuda(fm_pair, cache_dir, mfsim_run) -> None:
     images, idx = fm_pair.ood_test.images[:20], fm_pair.ood_test.indices[:20]
-    method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", amp="bf16", **SMALL)
+    method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", precision="bf16", **SMALL)
     ctx = _ctx(cache_dir)
     method.fit(fm_pair.id_train.images, ctx)
     extracted = method.features_extracted
@@ -524,8 +524,8 @@ def test_amp_bf16_on_cpu_and_fp16_needs_cuda(fm_pair, cache_dir, mfsim_run) -> N
     assert not np.array_equal(bf16.values, full)  # autocast really ran
     np.testing.assert_allclose(bf16.values, full, atol=0.05)
     assert np.corrcoef(bf16.values, full)[0, 1] > 0.95
-    fp16 = DLSR(weights_dir=str(WEIGHTS), score="mfsim", amp="fp16", **SMALL)
-    with pytest.raises(ValueError, match="method.amp=fp16 needs a CUDA device"):
+    fp16 = DLSR(weights_dir=str(WEIGHTS), score="mfsim", precision="fp16", **SMALL)
+    with pytest.raises(ValueError, match="method.precision=fp16 needs a CUDA device"):
         fp16.fit(fm_pair.id_train.images, _ctx(cache_dir))
 
 
@@ -571,7 +571,7 @@ def test_experiment_overlays_compose(table: str) -> None:
         assert cfg.data.n_id_test is None and cfg.data.n_ood_test is None
         # the official code's behaviour (docs/deviations.md): its DDIM path, independent LR noise, fp16 test pass,
         # MFsim without the first layer, summed MSE, each raw image resized straight to 224 px by the encoder
-        assert (m.recon, m.lr_noise, m.amp, m.mfsim_skip_first, m.mse_reduction) == (
+        assert (m.recon, m.lr_noise, m.precision, m.mfsim_skip_first, m.mse_reduction) == (
             "official",
             "independent",
             "fp16",

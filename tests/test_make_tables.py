@@ -114,6 +114,7 @@ def write_run(results: Path, *, score: str, seed: int, shift: float, as_paper: b
         "method.encoder": "efficientnet-b4" if as_paper else "alexnet",
         "method.input_size": 224 if as_paper else 64,
         "method.score": score,
+        "precision": "fp16" if as_paper else "fp32",
         "deviations": "" if as_paper else "encoder: ImageNet AlexNet instead of EfficientNet-B4",
     }
     caps = {"n_id_test": None if as_paper else n, "n_ood_test": None if as_paper else n}

@@ -18,7 +18,8 @@ from ood_bench.cache import verify_manifest
 from ood_bench.runner import run
 
 SEEDS = (0, 1, 2)
-# Tiny LMD on digits; 16 + 16 test images in one batch each, 2 repeats: 4 cached LMD batches per cell.
+# Tiny LMD on digits; 16 + 16 test images in one batch each, 2 repeats: 4 cached inpainting entries per cell
+# (one per batch and repeat).
 SWEEP = [*TINY_RUN_OVERRIDES, "method.distance=mse", "method.steps=15", "figures.enabled=false", "threads=1"]
 
 
@@ -28,7 +29,7 @@ def folders(root: Path) -> list[str]:
 
 def lmd_entries(root: Path) -> dict[str, int]:
     """Complete LMD batch entries of the cache: name -> mtime."""
-    base = root / "cache" / "lmd_distances"
+    base = root / "cache" / "lmd_inpaint"
     if not base.is_dir():
         return {}
     return {
@@ -94,13 +95,13 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, uninterrupted):
     cells, batches = done_cells(tmp_path), lmd_entries(tmp_path)
     assert len(cells) == 1, "the interrupt should land in cell 1"
     assert 6 <= len(batches) < 8
-    assert not [p for p in (tmp_path / "cache" / "lmd_distances").iterdir() if p.name.startswith(".")]  # cleaned up
+    assert not [p for p in (tmp_path / "cache" / "lmd_inpaint").iterdir() if p.name.startswith(".")]  # cleaned up
 
     # 2) rerun: cell 0 skipped, cell 1 resumes from its cached batches; SIGKILL while cell 2 is inpainting
     code, out2 = sweep(tmp_path, tmp_path / "2.log", lambda r: len(lmd_entries(r)) >= 8 + 1, signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert out2.count("are complete") == 1 and "training UNet" not in out2
-    assert out2.count("cache hit: lmd_distances") == len(batches) - 4  # cell 1's batches cached before Ctrl-C
+    assert out2.count("cache hit: lmd_inpaint") == len(batches) - 4  # cell 1's batches cached before Ctrl-C
     assert {k: v for k, v in done_cells(tmp_path).items() if k in cells} == cells  # cell 0 not redone
     assert len(done_cells(tmp_path)) == 2
     kept = lmd_entries(tmp_path)
@@ -110,7 +111,7 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, uninterrupted):
     code, out3 = sweep(tmp_path, tmp_path / "3.log")
     assert code == 0, out3[-3000:]
     assert out3.count("are complete") == 2 and out3.count("results written to") == 1
-    assert "training UNet" not in out3 and out3.count("cache hit: lmd_distances") == len(kept) - 8  # cell 2's
+    assert "training UNet" not in out3 and out3.count("cache hit: lmd_inpaint") == len(kept) - 8  # cell 2's
     final = lmd_entries(tmp_path)
     assert len(final) == 3 * 4 and all(final[k] == v for k, v in kept.items())
     for entry in (tmp_path / "cache").glob("*/*"):

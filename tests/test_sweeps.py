@@ -52,7 +52,7 @@ TINY_BY_METHOD = {
         "method.epochs=2",
         "method.early_epoch=1",
         "method.train_batch_size=32",
-        "method.amp=bf16",  # the table overlays' fp16 test pass needs CUDA; bf16 autocast runs the same path on CPU
+        "method.precision=bf16",  # the overlays' fp16 test pass needs CUDA; bf16 autocast runs it on CPU
     ],
 }
 TORCHVISION_TARGET = "ood_bench.data.TorchvisionSource"

@@ -121,11 +121,12 @@ def write_score_figures(
 
 @torch.no_grad()
 def lmd_inpaintings(lmd: Any, images: torch.Tensor, indices: np.ndarray, ctx: Any) -> tuple[list, list]:
-    """Masks and inpaintings of ``images`` for every repeat, exactly as ``LMD.score`` draws them.
+    """Masks and inpaintings of ``images`` for every repeat, computed afresh exactly as ``LMD.score`` draws them.
 
     Same model, masks, sampler and per-sample generators (keyed by sample index and repeat) as the scoring, so
-    the grid shows the inpaintings that were scored. Returns ``(masks [reps] of [H,W], inpaintings [reps] of
-    [N,C,H,W])``, nominally in [0,1] (without clipping the sampler may overshoot; the grid clamps for display).
+    they equal the scored inpaintings (the grid reads those from LMD's cache: ``LMD.inpaintings``). Returns
+    ``(masks [reps] of [H,W], inpaintings [reps] of [N,C,H,W])``, nominally in [0,1] (without clipping the sampler
+    may overshoot; the grid clamps for display).
     """
     from ood_bench.samplers import lmd_mask
 
@@ -160,7 +161,13 @@ def lmd_inpainting_grid(
     images = torch.cat([pair.id_test.images[:k_id], pair.ood_test.images[:k_ood]]).cpu()
     indices = np.r_[pair.id_test.indices[:k_id], pair.ood_test.indices[:k_ood]].astype(np.int64)
     splits = ["id"] * k_id + ["ood"] * k_ood
-    masks, recons = lmd_inpaintings(lmd, images, indices, ctx)  # one batch: generators are per sample anyway
+    # the scored inpaintings, read from LMD's cache (a scored run draws its grid without any network call)
+    per_split = [
+        lmd.inpaintings(split.images, split.indices, ctx, first=k)
+        for split, k in ((pair.id_test, k_id), (pair.ood_test, k_ood))
+    ]
+    recons = [torch.cat([part[r][:k].cpu() for part, k in zip(per_split, (k_id, k_ood))]) for r in range(lmd.reps)]
+    masks = [m.cpu() for m in lmd.masks(images.shape[-1])]
     tiles = []
     for j, x in enumerate(images):
         row = [x]
@@ -280,5 +287,103 @@ def auroc_vs_cost(points: pd.DataFrame, path: str | os.PathLike[str], cost: str 
         "AUROC vs cost: one point per method and setting, mean ± std over seeds\n"
         "(AUROC with OOD as the positive class, higher score = more OOD)",
         fontsize=8,
+    )
+    return _save(fig, path)
+
+
+def lmd_cost_curve(
+    points: pd.DataFrame, path: str | os.PathLike[str], reps_shown: tuple[int, ...] = (1, 2, 5, 10)
+) -> Path:
+    """LMD's AUROC against network evaluations per image (``scripts/lmd_cost_curve.py``), saved to ``path``.
+
+    Left: the full test sets, one line per precision and number of repeats over the sampler steps, for the
+    training setting with the most points. Middle: AUROC against the training budget (training steps) for every
+    sampler setting shared by all training settings, one line per training precision. Right: the reference sampler
+    (``sampler`` other than ddim, e.g. 1000 ancestral steps) on its subset beside our settings on the same subset.
+    """
+    pts = points.copy()
+    full = pts[(pts["subset"] == "all") & (pts["sampler"] == "ddim")]
+    main_label = full["label"].value_counts().idxmax() if len(full) else None
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    styles = {r: ls for r, ls in zip(reps_shown, ("-", "--", "-.", ":"))}
+    colors = {"fp32": "C0", "bf16": "C3", "fp16": "C2"}
+    ax = axes[0]
+    for (prec, reps), grp in full[full["label"] == main_label].groupby(["precision", "reps"]):
+        if reps not in styles:
+            continue
+        grp = grp.sort_values("steps")
+        ax.plot(
+            grp["nfe_per_image"],
+            grp["auroc"],
+            marker="o",
+            ms=3,
+            ls=styles[reps],
+            color=colors.get(prec, "k"),
+            label=f"{prec}, {reps} rep{'s' if reps > 1 else ''}",
+        )
+        for x, y, s in zip(grp["nfe_per_image"], grp["auroc"], grp["steps"]):
+            if reps == max(reps_shown):
+                ax.annotate(f"{s}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_title(f"sampler steps x repeats ({main_label}); labels: steps", fontsize=9)
+    ax = axes[1]
+    shared = full.groupby(["precision", "steps", "reps"])["label"].nunique()
+    settings = shared[shared == full["label"].nunique()].index.tolist() if len(full) else []
+    for prec, steps, reps in settings:
+        if reps != max(full["reps"]):
+            continue
+        sub = full[(full["precision"] == prec) & (full["steps"] == steps) & (full["reps"] == reps)]
+        for tprec, grp in sub.groupby("train_precision"):
+            grp = grp.sort_values("train_steps")
+            ax.plot(
+                grp["train_steps"],
+                grp["auroc"],
+                marker="s",
+                ms=4,
+                color=colors.get(prec, "k"),
+                ls="-" if tprec == "fp32" else "--",
+                label=f"train {tprec}; sample {prec} {steps}x{reps}",
+            )
+    ax.set_xlabel("training steps (batch 64)", fontsize=8)
+    ax.set_title("training budget", fontsize=9)
+    ax = axes[2]
+    ref = pts[pts["sampler"] != "ddim"]
+    for subset, grp in ref.groupby("subset"):
+        for (sampler, steps, prec), g in grp.groupby(["sampler", "steps", "precision"]):
+            g = g[g["reps"].isin(reps_shown)]
+            ax.plot(
+                g["nfe_per_image"],
+                g["auroc"],
+                marker="*",
+                ms=9,
+                ls="",
+                color="k",
+                label=f"{sampler} x {steps} {prec} ({subset}; reps {', '.join(map(str, g['reps']))})",
+            )
+        ours = pts[(pts["subset"] == subset) & (pts["sampler"] == "ddim") & pts["reps"].isin(reps_shown)]
+        for (prec, reps), g in ours.groupby(["precision", "reps"]):
+            g = g.sort_values("steps")
+            ax.plot(
+                g["nfe_per_image"],
+                g["auroc"],
+                marker="o",
+                ms=3,
+                ls=styles.get(reps, "-"),
+                color=colors.get(prec, "k"),
+                label=f"ddim {prec}, {reps} reps ({subset})",
+            )
+    ax.set_title("reference sampler on a subset", fontsize=9)
+    for i, ax in enumerate(axes):
+        if i != 1:
+            ax.set_xscale("log")
+            ax.set_xlabel("network evaluations per image (steps x repeats)", fontsize=8)
+        ax.set_ylabel("AUROC", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=6)
+            low = min(float(np.nanmin(line.get_ydata())) for line in ax.lines)
+            ax.set_ylim(max(0.0, min(low - 0.01, 0.95)), 1.002)
+    fig.suptitle(
+        f"LMD on {', '.join(sorted(pts['data'].unique()))}: AUROC (OOD = positive class) against cost", fontsize=9
     )
     return _save(fig, path)

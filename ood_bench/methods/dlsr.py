@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from ood_bench.costs import phase
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.encoders import FeatureEncoder, check_encoder_name
 from ood_bench.models.lfdn import (
@@ -43,9 +44,9 @@ from ood_bench.models.lfdn import (
     write_loss_csv,
 )
 from ood_bench.utils import (
-    AMP_CHOICES,
+    PRECISIONS,
     autocast,
-    check_amp,
+    check_precision,
     count_calls,
     randn_per_sample,
     sample_generators,
@@ -110,7 +111,7 @@ class DLSR(Method):
         recon: str = "official",
         score: str = "mfsim",
         lr_noise: str = "independent",
-        amp: str = "none",
+        precision: str = "fp32",
         mfsim_skip_first: bool = True,
         mse_reduction: str = "sum",
         batch_size: int = 256,
@@ -121,7 +122,7 @@ class DLSR(Method):
         check_choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
         check_choice("recon", recon, RECONS)
         check_choice("lr_noise", lr_noise, LR_NOISES)
-        check_choice("amp", amp, AMP_CHOICES)
+        check_choice("precision", precision, PRECISIONS)
         for key, val in (
             ("input_size", input_size),
             ("width", width),
@@ -161,7 +162,7 @@ class DLSR(Method):
             "dropout": float(dropout),
         }
         self.t, self.eta, self.score_name = t, float(eta), score
-        self.recon, self.lr_noise, self.amp = recon, lr_noise, amp
+        self.recon, self.lr_noise, self.precision = recon, lr_noise, precision
         self.mfsim_skip_first, self.mse_reduction, self.batch_size = bool(mfsim_skip_first), mse_reduction, batch_size
         wdir = weights_dir or os.environ.get("OOD_BENCH_WEIGHTS")
         # Built here so that a bad layer name or missing weights fail before any data is read.
@@ -179,17 +180,17 @@ class DLSR(Method):
         self.features_extracted = 0
 
     # ---------------------------------------------------------------------------------------------------- features
-    def features(self, images: torch.Tensor, ctx: Context, amp: str = "none") -> torch.Tensor:
+    def features(self, images: torch.Tensor, ctx: Context, precision: str = "fp32") -> torch.Tensor:
         """Encoder features of ``images`` through the cache (kind ``features``; key: image content + encoder).
 
-        ``amp`` runs the encoder under autocast (the official test pass: fp16); features are stored as float32.
+        ``precision`` runs the encoder under autocast (the official test pass: fp16); features are stored as float32.
         """
         spec = {
             "version": FEATURES_VERSION,
             "images": tensor_fingerprint(images),
             "n": len(images),
             "encoder": self.encoder.identity(),
-            **({"amp": amp} if amp != "none" else {}),
+            **({"precision": precision} if precision != "fp32" else {}),
         }
         key = ctx.cache.key("features", spec)
         if ctx.cache.has("features", key):
@@ -204,7 +205,7 @@ class DLSR(Method):
                 self.encoder.input_size,
                 ",".join(self.encoder.layers),
             )
-            with autocast(ctx.device, amp):
+            with autocast(ctx.device, precision), phase("features"):
                 feats = self._extract(images, ctx)
             torch.save(feats, tmp / "features.pt")
             self.features_extracted += 1
@@ -228,7 +229,7 @@ class DLSR(Method):
             return LFDN(self.encoder.dim, **self.lfdn_kwargs)
 
     def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
-        check_amp(self.amp, ctx.device)  # fail before any extraction or training
+        check_precision(self.precision, ctx.device)  # fail before any extraction or training
         feats = self.features(id_train, ctx)  # training features in full precision, as the official training
         spec = {
             "version": LFDN_VERSION,
@@ -247,7 +248,8 @@ class DLSR(Method):
                 feats.shape[1],
                 self.train_cfg.epochs,
             )
-            res = train_lfdn(self._new_lfdn(), feats, self.diffusion, self.train_cfg, ctx.device, ctx.progress)
+            with phase("train"):
+                res = train_lfdn(self._new_lfdn(), feats, self.diffusion, self.train_cfg, ctx.device, ctx.progress)
             torch.save(res.final, tmp / "final.pt")
             torch.save(res.early, tmp / "early.pt")
             write_loss_csv(tmp / "loss.csv", res.losses)
@@ -282,7 +284,7 @@ class DLSR(Method):
     ) -> Scores:
         if self.model is None:
             raise RuntimeError("DLSR.score called before fit")
-        feats = self.features(images, ctx, self.amp)
+        feats = self.features(images, ctx, self.precision)
         idx = np.arange(len(images)) if indices is None else np.asarray(indices)
         if len(idx) != len(images):
             raise ValueError(f"got {len(idx)} indices for {len(images)} images")
@@ -291,7 +293,7 @@ class DLSR(Method):
         cols: dict[str, list[torch.Tensor]] = {"mfsim": [], "mse": [], "mse_early": [], "lr": []}
         models = (self.model, self.early) if self.score_name == "lr" else (self.model,)
         nfe_sum = 0
-        with autocast(ctx.device, self.amp), count_calls(*models) as calls:
+        with autocast(ctx.device, self.precision), count_calls(*models) as calls, phase("sampling"):
             for i in tqdm(range(0, len(feats), self.batch_size), desc="DLSR", disable=not ctx.progress, leave=False):
                 x0 = feats[i : i + self.batch_size].to(ctx.device)
                 idx_b, before = idx[i : i + self.batch_size], calls[0]
@@ -345,7 +347,7 @@ class DLSR(Method):
             "recon": self.recon,
             "score": self.score_name,
             "lr_noise": self.lr_noise,
-            "amp": self.amp,
+            "precision": self.precision,
             "mfsim_skip_first": self.mfsim_skip_first,
             "mse_reduction": self.mse_reduction,
             "features_extracted": self.features_extracted,

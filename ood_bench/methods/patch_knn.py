@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from ood_bench.costs import phase
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.encoders import FeatureEncoder, check_encoder_name
+from ood_bench.utils import PRECISIONS, autocast, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class PatchKNN(Method):
         sigma: float = 4.0,
         image_score: str = "max",
         topk_fraction: float = 0.01,
+        precision: str = "fp32",
         batch_size: int = 16,
         weights_dir: str | None = None,
     ) -> None:
@@ -61,11 +64,12 @@ class PatchKNN(Method):
         if not 0.0 < topk_fraction <= 1.0:
             raise ValueError(f"method.topk_fraction={topk_fraction!r} is not valid; use a fraction in (0, 1]")
         check_int("batch_size", batch_size)
+        check_choice("precision", precision, PRECISIONS)
         self.encoder_name, self.encoder_weights = encoder, encoder_weights
         self.layers = list(layers) if layers else ["features.4", "features.7"]
         self.local_pool, self.sigma = int(local_pool), float(sigma)
         self.image_score, self.topk_fraction = image_score, float(topk_fraction)
-        self.batch_size, self.weights_dir = batch_size, weights_dir
+        self.batch_size, self.weights_dir, self.precision = batch_size, weights_dir, precision
         self.encoder: FeatureEncoder | None = None
         self.bank: torch.Tensor | None = None
         self.grid: tuple[int, int] | None = None
@@ -91,8 +95,9 @@ class PatchKNN(Method):
 
     @torch.no_grad()
     def _embed(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Patch features ``[N, D, h, w]`` on the first tapped layer's grid."""
-        maps = self._encoder(images.shape[-1], device).feature_maps(images.to(device))
+        """Patch features ``[N, D, h, w]`` on the first tapped layer's grid (float32; the encoder at ``precision``)."""
+        with autocast(device, self.precision), phase("features"):
+            maps = self._encoder(images.shape[-1], device).feature_maps(images.to(device))
         if self.local_pool > 1:
             maps = [F.avg_pool2d(m, self.local_pool, stride=1, padding=self.local_pool // 2) for m in maps]
         size = maps[0].shape[-2:]
@@ -100,6 +105,7 @@ class PatchKNN(Method):
         return torch.cat(maps, dim=1)
 
     def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
+        check_precision(self.precision, ctx.device)
         bs = self.batch_size
         emb = torch.cat([self._embed(id_train[i : i + bs], ctx.device) for i in range(0, len(id_train), bs)])
         self.grid = tuple(emb.shape[-2:])
@@ -154,4 +160,5 @@ class PatchKNN(Method):
             "sigma": self.sigma,
             "image_score": self.image_score,
             "topk_fraction": self.topk_fraction,
+            "precision": self.precision,
         }

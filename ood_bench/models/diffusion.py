@@ -2,7 +2,9 @@
 
 ``get_diffusion_model`` either loads a pretrained model (hub id or local folder, ``model.pretrained``) or
 trains one on the ID training images and caches it under a key hashed from the data, the architecture
-and the training settings; the next run with the same key loads it instead of training.
+and the training settings; the next run with the same key loads it instead of training. ``model.train.precision``
+(``fp32`` | ``bf16`` | ``fp16``) runs the training forward pass and loss under autocast (fp16 with a gradient
+scaler, CUDA only); the weights, the optimizer and EMA stay float32.
 
 A class-conditional model (``model_cfg["conditioning"] = {num_classes: K, label_dropout: p}``, set by a method
 that needs one) has ``K + 1`` class embeddings, the last one the null class; training replaces each label by
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.errors import WeightsNotFoundError
-from ood_bench.utils import atomic_path, tensor_fingerprint
+from ood_bench.utils import PRECISIONS, atomic_path, autocast, check_precision, tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,8 @@ def _train_unet(
     opt = torch.optim.AdamW(unet.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     warmup = max(1, int(tcfg["warmup_steps"]))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    precision = tcfg.get("precision", "fp32")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow without it
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     data = images.mul(2).sub(1)
     n, bs, steps = data.shape[0], int(tcfg["batch_size"]), int(tcfg["steps"])
@@ -158,6 +162,8 @@ def _train_unet(
         torch.set_rng_state(state["rng"])
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start, losses = int(state["step"]), [tuple(x) for x in state["losses"]]
         log.info("resuming diffusion training at step %d of %d from %s", start, steps, state_file)
     unet.train()
@@ -176,13 +182,16 @@ def _train_unet(
         if cond:  # labels, each replaced by the null class with probability label_dropout (for CFG)
             drop = torch.rand(bs, generator=gen) < float(cond["label_dropout"])
             y = torch.where(drop, torch.full_like(labels[idx], null_class), labels[idx]).to(device)
-        pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
-        loss = F.mse_loss(pred, _train_target(sched, x0, noise, t))
+        with autocast(device, precision, key="model.train.precision"):
+            pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
+            loss = F.mse_loss(pred.float(), _train_target(sched, x0, noise, t))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if tcfg.get("grad_clip"):
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(unet.parameters(), float(tcfg["grad_clip"]))
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         lr_sched.step()
         ema.step(unet.parameters())
         losses.append((step, loss.item()))
@@ -199,6 +208,8 @@ def _train_unet(
                 "gen": gen.get_state(),
                 "rng": torch.get_rng_state(),
             }
+            if scaler.is_enabled():
+                state["scaler"] = scaler.state_dict()
             if device.type == "cuda":
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             with atomic_path(state_file) as tmp:
@@ -254,7 +265,12 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
 
 def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
     """Everything that determines a trained model: data content, architecture, schedule, training (and, for a
-    class-conditional model, the conditioning settings and the labels)."""
+    class-conditional model, the conditioning settings and the labels).
+
+    The training precision is part of the key; ``fp32`` (the loop before precisions existed) is left out, so
+    models trained before keep their keys.
+    """
+    train = {k: v for k, v in model_cfg["train"].items() if not (k == "precision" and v == "fp32")}
     spec = {
         "version": CACHE_VERSION,
         "data": tensor_fingerprint(images),
@@ -262,7 +278,7 @@ def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor, labels: torch.Te
         "channels": model_cfg["channels"],
         "unet": model_cfg["unet"],
         "scheduler": model_cfg["scheduler"],
-        "train": model_cfg["train"],
+        "train": train,
     }
     if model_cfg.get("conditioning"):
         spec["conditioning"] = model_cfg["conditioning"]
@@ -280,6 +296,9 @@ def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
         for key in ("steps", "batch_size"):
             if int(model_cfg["train"][key]) < 1:
                 raise ValueError(f"model.train.{key}={model_cfg['train'][key]!r} is not valid; use a positive integer")
+        precision = model_cfg["train"].get("precision", "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"model.train.precision={precision!r} is not valid; valid: {list(PRECISIONS)}")
     cond = model_cfg.get("conditioning")
     if cond:
         n, p = cond.get("num_classes"), cond.get("label_dropout")
@@ -304,6 +323,7 @@ def get_diffusion_model(
     validate_model_cfg(model_cfg)
     if model_cfg.get("pretrained"):
         return load_pretrained(model_cfg, device)
+    check_precision(model_cfg["train"].get("precision", "fp32"), device, key="model.train.precision")
     spec = cache_spec(model_cfg, images, labels)
     # Training checkpoints live beside the cache entry until the entry is complete.
     resume_dir = cache.entry(CACHE_KIND, f".partial-{cache.key(CACHE_KIND, spec)}")

@@ -5,8 +5,8 @@
 * A run matches a paper row by method, data pair (``<id>_<ood>``, paper names mapped by ``DATASET_ALIASES``) and,
   for methods with score variants, the variant (``SETTING_COLUMN``).
 * Every matched setting is checked against the paper's protocol (``PAPER_PROTOCOL``: encoder or model, sampler
-  budget, resize protocol) and the full test sets; a row that differs says how, its delta is shown in brackets,
-  and the deviations its experiment overlay declared (``deviations`` in the results row) are footnotes.
+  budget, resize protocol, precision) and the full test sets; a row that differs says how, its delta is shown in
+  brackets, and the deviations its experiment overlay declared (``deviations`` in the results row) are footnotes.
   Such a row is never presented as a reproduction.
 * Settings that match no paper row go to the ``ours`` table.
 * Anomaly-detection runs (rows with ``image_auroc``) go to their own ``anomaly`` table: each run already holds the
@@ -81,6 +81,7 @@ PAPER_PROTOCOL: dict[str, list[Check]] = {
         Check("method.encoder", "efficientnet-b4", "encoder"),
         Check("method.input_size", 224, "input size"),
         Check("resize_protocol", "direct", "resize protocol"),
+        Check("precision", "fp16", "test-pass precision"),
     ],
     "lmd": [
         Check("model", "unet_ddpm", "diffusion model"),
@@ -90,6 +91,8 @@ PAPER_PROTOCOL: dict[str, list[Check]] = {
         Check("method.mask", "checkerboard_alt", "mask"),
         Check("method.distance_used", "lpips-alex", "distance", prefix=True),
         Check("resize_protocol", "direct", "resize protocol"),
+        Check("precision", "fp32", "sampling precision"),
+        Check("train_precision", "fp32", "training precision"),
     ],
 }
 

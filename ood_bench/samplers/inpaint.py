@@ -8,7 +8,8 @@ predictor wrapper's own re-injection after the step is overwritten by the next s
 resampling. All noise comes from per-sample generators.
 
 ``clip=True`` clips the scheduler's x0 prediction to ``[-1, 1]`` at every step and clamps the result;
-the official sampler never clips (``clip=False``).
+the official sampler never clips (``clip=False``). ``precision`` runs the network under autocast (``bf16`` /
+``fp16``); the scheduler's arithmetic stays in float32.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ood_bench.models.diffusion import DiffusionModel
-from ood_bench.utils import randn_per_sample
+from ood_bench.utils import autocast, randn_per_sample
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -51,10 +52,11 @@ def inpaint(
     steps: int = 25,
     eta: float = 1.0,
     clip: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Fill the pixels where ``mask == 0`` of ``x0`` (in ``[-1, 1]``); known pixels are returned unchanged.
 
-    ``mask`` broadcasts to ``x0`` (``[H, W]``, ``[1, 1, H, W]`` or ``[N, C, H, W]``), 1 = known.
+    ``mask`` broadcasts to ``x0`` (``[H, W]``, ``[1, 1, H, W]``, or one mask per row ``[N, 1|C, H, W]``), 1 = known.
     """
     sched = make_scheduler(model, sampler, steps, clip)
     device, dtype = x0.device, x0.dtype
@@ -65,7 +67,8 @@ def inpaint(
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)
         known_t = sched.add_noise(x0, randn_per_sample(shape, generators, device, dtype), t_batch)
         x = mask * known_t + (1 - mask) * x
-        out = model.unet(x, t_batch).sample
+        with autocast(device, precision):
+            out = model.unet(x, t_batch).sample.float()
         if sampler == "ddim":
             noise = randn_per_sample(shape, generators, device, dtype) if eta > 0 else None
             x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
