@@ -35,6 +35,7 @@ class BenchCase:
     overrides: tuple[str, ...]
     loop: LoopProbe | None = None
     note: str = ""
+    loop_phases: tuple[str, ...] = ("sampling",)  # the phases (``ood_bench/costs.py``) the loop's NFE run in
 
 
 CASES: dict[str, BenchCase] = {}
@@ -151,8 +152,29 @@ def dlsr_loop(cfg: DictConfig, record: dict[str, Any]):
     return make, rows
 
 
+def diffguard_loop(cfg: DictConfig, record: dict[str, Any]):
+    """DiffGuard: the class-conditional UNet at the scoring batch (inversion and synthesis; a CFG step is one call
+    on twice the rows and counts as two evaluations per image, as ``nfe_per_image`` does)."""
+    from ood_bench.models.diffusion import build_unet
+
+    batch = min(int(cfg.method.batch_size), max(int(record["n_id"]), int(record["n_ood"])))
+    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
+    size, ch = int(cfg.data.image_size), int(cfg.data.channels)
+
+    def make(rows: int, device: torch.device) -> Callable[[], Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            unet = build_unet(mcfg["unet"], size, ch, num_class_embeds=11).to(device).eval()
+            x = torch.randn(rows, ch, size, size).to(device)
+            t = torch.randint(0, int(mcfg["scheduler"]["num_train_timesteps"]), (rows,)).to(device)
+            y = torch.randint(0, 11, (rows,)).to(device)
+        return lambda: unet(x, t, class_labels=y)
+
+    return make, batch
+
+
 # --------------------------------------------------------------------------------------------------------------
-# The cases of the methods present (diffguard and anomalysd add theirs here)
+# The cases of the methods present
 # --------------------------------------------------------------------------------------------------------------
 
 SMALL_OOD = ("data=fashionmnist_mnist", "data.n_id_test=100", "data.n_ood_test=100")
@@ -165,6 +187,32 @@ register_case(
     )
 )
 register_case(BenchCase("dlsr", ("method=dlsr", *SMALL_OOD), dlsr_loop, "CPU defaults"))
+SMALL_DIGITS = ("data=digits", "data.n_id_test=100", "data.n_ood_test=100")
+register_case(
+    BenchCase(
+        "diffguard",
+        ("method=diffguard", *SMALL_DIGITS, "model.train.steps=300"),
+        diffguard_loop,
+        "CPU defaults (CFG), 300 training steps of the class-conditional UNet (training time scales with the steps)",
+        loop_phases=("features", "sampling"),
+    )
+)
+register_case(BenchCase("msp", ("method=msp", *SMALL_DIGITS), None, "CPU defaults; classifier trained in the case"))
+register_case(
+    BenchCase(
+        "anomalysd",
+        (
+            "method=anomalysd",
+            "data=magnetic_tile",
+            "data.n_test=20",
+            "data.shot_seeds=[0]",
+            "method.unet_steps=60",
+            "method.vae_steps=20",
+        ),
+        None,
+        "CPU defaults, k = 1, one shot seed, 20 test images, fine-tuning cut to 60 UNet + 20 VAE steps",
+    )
+)
 register_case(
     BenchCase(
         "patch_knn",

@@ -55,7 +55,7 @@ def run_case(case: BenchCase, root: Path, threads: int, device: str) -> dict:
         "method": record["method"],
         "data": record["data"],
         "setting": case.note,
-        "precision": record["precision"],
+        "precision": record.get("precision", ""),
         "train_precision": record.get("train_precision", ""),
         "device": record["device"],
         "threads": threads,
@@ -78,9 +78,12 @@ def run_case(case: BenchCase, root: Path, threads: int, device: str) -> dict:
     if case.loop is not None and row["sampling_s"] > 0:
         make, rows = case.loop(cfg, record)
         # the same clock as bare_rate: CPU seconds on CPU, wall seconds on CUDA
-        loop_s = row["sampling_s"] if dev.type == "cuda" else phase_cpu_seconds()["sampling_cpu_seconds"]
+        if dev.type == "cuda":
+            loop_s = sum(float(record[f"{p}_seconds"]) for p in case.loop_phases)
+        else:
+            loop_s = sum(phase_cpu_seconds()[f"{p}_cpu_seconds"] for p in case.loop_phases)
         loop_rate = row["nfe_per_image"] * n_scored / loop_s
-        bare = bare_rate(make(rows, dev), rows, dev, record["precision"])
+        bare = bare_rate(make(rows, dev), rows, dev, record.get("precision") or "fp32")
         row.update(
             rows=rows,
             loop_evals_per_s=round(loop_rate, 1),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ood_bench.costs import phase
 from ood_bench.distances.feature_maps import WEIGHTINGS, AlexFeatureMaps, check_layers, nearest_prototype_distance
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.sd_finetune import FOREGROUNDS, VAE_MODES, Augment, FinetuneConfig, finetune
@@ -323,6 +324,18 @@ class AnomalySD(Method):
         # The feature network first: missing ImageNet weights fail before any training.
         self.features = AlexFeatureMaps(self.lpips_weights, self.weights_dir or ctx.weights_dir, self.feature_size)
         self.features.to(ctx.device)
+        with phase("train"):  # building, fine-tuning or loading the stack
+            self._fit_stack(shots, labels, size, ctx)
+        # Few-shot prototypes: the shots' patch features at the latent grid, per category.
+        with phase("features"):
+            grid = size // self.sd.vae_scale_factor
+            feats = self.features.patch_features(shots.to(ctx.device), self.pg_layers, grid)
+        self.prototypes = {
+            int(c): feats[torch.as_tensor(labels == c)].reshape(-1, feats.shape[-1]) for c in set(labels)
+        }
+
+    def _fit_stack(self, shots: torch.Tensor, labels: np.ndarray, size: int, ctx: Context) -> None:
+        """The base stack, fine-tuned on the shots (cached by everything that determines it)."""
         base = self._base_stack(ctx, labels)
         check_grid(size, self.mask_scales, self.mask_layout, base.vae_scale_factor)
         shot_prompts = [self.prompts_for(self.names[c]) for c in labels]
@@ -359,12 +372,6 @@ class AnomalySD(Method):
         self.sd = load_stack(base_dir, parts_from={"unet": str(entry), "vae": str(entry)}).to(ctx.device).eval()
         self.sd.source = f"{self.base_source}+finetuned:{entry.name}"
         self.train_info = json.loads((entry / "train_info.json").read_text())
-        # Few-shot prototypes: the shots' patch features at the latent grid, per category.
-        grid = size // self.sd.vae_scale_factor
-        feats = self.features.patch_features(shots.to(ctx.device), self.pg_layers, grid)
-        self.prototypes = {
-            int(c): feats[torch.as_tensor(labels == c)].reshape(-1, feats.shape[-1]) for c in set(labels)
-        }
 
     def _base_stack(self, ctx: Context, labels: np.ndarray) -> SDStack:
         """The stack before fine-tuning: the pretrained checkpoint, or the (cached) stack built from configs."""
@@ -419,9 +426,10 @@ class AnomalySD(Method):
             sl = slice(start, start + self.batch_size)
             x, idx, lab = images[sl], indices[sl], labels[sl]
             spec = {**ident, "images": tensor_fingerprint(x), "indices": idx.tolist(), "labels": lab.tolist()}
-            parts.append(
-                ctx.cache.array("anomalysd_maps", spec, lambda x=x, idx=idx, lab=lab: self._maps(x, idx, lab, ctx))
-            )
+            with phase("sampling"):  # the inpaintings (and their difference maps) of one batch, or its cache entry
+                parts.append(
+                    ctx.cache.array("anomalysd_maps", spec, lambda x=x, idx=idx, lab=lab: self._maps(x, idx, lab, ctx))
+                )
             bar.update(len(x))
         bar.close()
         raw = np.concatenate(parts).astype(np.float64)

@@ -36,6 +36,7 @@ import torch
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
+from ood_bench.costs import phase
 from ood_bench.distances import IMAGE_DISTANCES, Distance, build_distance
 from ood_bench.distances.lpips import NETS as LPIPS_NETS
 from ood_bench.methods.base import Context, Scores, check_choice, check_int, register
@@ -43,7 +44,7 @@ from ood_bench.methods.classifier_scores import BASELINES, ClassifierMethod, bas
 from ood_bench.models.diffusion import DiffusionModel, get_diffusion_model
 from ood_bench.samplers.guidance import ClassifierGuidance, cam_masks, cfg_eps, unconditional_eps
 from ood_bench.samplers.inversion import CONVENTIONS, DDIMGrid, EarlyStop, invert, synthesize
-from ood_bench.utils import sample_generators, tensor_fingerprint
+from ood_bench.utils import PRECISIONS, autocast, check_precision, sample_generators, tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,12 @@ class DiffGuard(ClassifierMethod):
         combine: str = "none",
         combine_quantile: float = 0.5,
         weights_dir: str | None = None,
+        precision: str = "fp32",
         batch_size: int = 64,
     ) -> None:
         super().__init__(batch_size)
         check_choice("guidance", guidance, GUIDANCES)
+        check_choice("precision", precision, PRECISIONS)
         check_choice("ddim_convention", ddim_convention, CONVENTIONS)
         check_choice("distance", distance, DISTANCES)
         check_choice("lpips_net", lpips_net, tuple(LPIPS_NETS))
@@ -130,7 +133,7 @@ class DiffGuard(ClassifierMethod):
         self.label_dropout, self.cam_cut = float(label_dropout), cam_cut
         self.distance_name, self.lpips_net, self.uncond_aux = distance, lpips_net, uncond_aux
         self.label_mode, self.combine, self.combine_quantile = label_mode, combine, float(combine_quantile)
-        self.weights_dir = weights_dir
+        self.weights_dir, self.precision = weights_dir, precision
         self.model: DiffusionModel | None = None
         self.distance: Distance | None = None
         self.grid: DDIMGrid | None = None
@@ -152,6 +155,11 @@ class DiffGuard(ClassifierMethod):
                 )
 
     def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
+        check_precision(self.precision, ctx.device)
+        with phase("train"):  # loading cached networks counts here too
+            self._fit(id_train, ctx, labels)
+
+    def _fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None) -> None:
         clf = self.fit_classifier(id_train, ctx, labels)
         weights_dir = self.weights_dir or ctx.weights_dir
         if self.distance_name != "logit_l1":
@@ -304,7 +312,37 @@ class DiffGuard(ClassifierMethod):
             return unconditional_eps(model, xx, t)
 
         stop = self.early_stop if self.early_stop.active else None
-        latents, depth = invert(grid, x, self.inversion_steps, uncond, clip=self.clip_denoised, stop_fn=stop)
+        with phase("features"), autocast(x.device, self.precision):  # inversion
+            latents, depth = invert(grid, x, self.inversion_steps, uncond, clip=self.clip_denoised, stop_fn=stop)
+            latents = latents.float()
+        with phase("sampling"), autocast(x.device, self.precision):
+            recon, compare, nfe, passes, syn_steps = self._resynthesize(x, x01, latents, depth, idx, y, seed)
+        compare01, recon01 = ((compare.float() + 1) / 2).clamp(0, 1), ((recon.float() + 1) / 2).clamp(0, 1)
+        if self.distance_name == "logit_l1":
+            dist = (clf(compare01) - clf(recon01)).abs().sum(1)
+            passes += 2
+        else:
+            dist = self.distance(compare01, recon01)
+        out = [dist.double().cpu(), depth.double(), syn_steps.double(), nfe.double(), passes.double()]
+        return torch.stack(out, dim=1).numpy()
+
+    def _resynthesize(
+        self,
+        x: torch.Tensor,
+        x01: torch.Tensor,
+        latents: torch.Tensor,
+        depth: torch.Tensor,
+        idx: np.ndarray,
+        y: torch.Tensor,
+        seed: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Guided re-synthesis from the inverted latents (and the unguided one with ``uncond_aux``): the
+        reconstruction, what it is compared with, NFE and classifier passes per image, synthesis steps."""
+        model, grid, clf = self.model, self.grid, self.classifier
+
+        def uncond(xx: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+            return unconditional_eps(model, xx, t)
+
         start = grid.start_level(depth, self.synthesis_offset)
         syn_steps = grid.synthesis_steps(start)
         passes = torch.zeros(len(x))
@@ -337,14 +375,7 @@ class DiffGuard(ClassifierMethod):
         if self.uncond_aux:
             compare = synthesize(grid, latents, start, uncond, clip=self.clip_denoised)
             nfe = nfe + syn_steps
-        compare01, recon01 = ((compare + 1) / 2).clamp(0, 1), ((recon + 1) / 2).clamp(0, 1)
-        if self.distance_name == "logit_l1":
-            dist = (clf(compare01) - clf(recon01)).abs().sum(1)
-            passes += 2
-        else:
-            dist = self.distance(compare01, recon01)
-        out = [dist.double().cpu(), depth.double(), syn_steps.double(), nfe.double(), passes.double()]
-        return torch.stack(out, dim=1).numpy()
+        return recon, compare, nfe, passes, syn_steps
 
     def _record(self, split: str | None, cols: np.ndarray, deferred: np.ndarray, n: int) -> None:
         key = split or "all"
@@ -375,6 +406,8 @@ class DiffGuard(ClassifierMethod):
             "distance": self.distance.describe() if self.distance else self.distance_name,
             "uncond_aux": self.uncond_aux,
         }
+        if self.precision != "fp32":  # fp32 batches keep the keys they had before precisions existed
+            ident["precision"] = self.precision
         if self.guidance == "cg":
             ident.update(
                 cutouts=self.cutouts,
@@ -388,6 +421,7 @@ class DiffGuard(ClassifierMethod):
 
     def describe(self) -> dict[str, Any]:
         record = {k: v for k, v in self._identity().items() if k != "distance"}
+        record["precision"] = self.precision
         record.update(super().describe())
         record.update(
             distance_used=self.distance.describe() if self.distance else self.distance_name,
