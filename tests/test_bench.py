@@ -27,7 +27,7 @@ def test_every_method_present_has_a_bench_case_that_composes(tmp_path) -> None:
 def test_a_bench_case_row_has_costs_and_the_loop_efficiency(tmp_path) -> None:
     bench = load_script("bench")
     row = bench.run_case(BenchCase("tiny_lmd", TINY_LMD, lmd_loop), tmp_path, threads=1, device="cpu")
-    assert row["nfe_per_image"] == 3 * 4 and row["n_scored"] == 32 and row["precision"] == "fp32"
+    assert row["nfe_per_image"] == 3 * 4 and row["n_scored"] == 32 and row["precision"] == "bf16"  # the CPU default
     assert row["train_s"] > 0 and row["features_s"] == 0 and row["scoring_s"] > 0 and row["peak_rss_mb"] > 0
     assert row["rows"] == 3 * 16  # one batch of 16 test images, all three repeats in one pass
     assert row["efficiency"] == pytest.approx(row["loop_evals_per_s"] / row["bare_evals_per_s"], rel=1e-2)

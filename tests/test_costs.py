@@ -59,5 +59,5 @@ def test_rescoring_a_finished_lmd_run_with_another_distance_evaluates_no_network
     assert second["config_hash"] != first["config_hash"] and second["auroc"] != first["auroc"]
     # the costs of each run are in its row
     assert first["train_seconds"] > 0 and first["sampling_seconds"] > 0 and second["sampling_seconds"] == 0
-    assert first["precision"] == "fp32" and first["train_precision"] == "fp32"
+    assert first["precision"] == "bf16" and first["train_precision"] == "bf16"  # the CPU defaults
     assert first["peak_rss_mb"] > 100 and first["peak_rss_scope"] == "run"
