@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ood_bench.costs import phase
 from ood_bench.methods.base import Context, Method, Scores, check_int, register
 from ood_bench.models.classifier import Classifier, get_classifier
 
@@ -92,7 +93,8 @@ class BaselineScore(ClassifierMethod):
         self.temperature = float(temperature)
 
     def fit(self, id_train: torch.Tensor, ctx: Context, labels: np.ndarray | None = None) -> None:
-        self.fit_classifier(id_train, ctx, labels)
+        with phase("train"):  # training the classifier, or loading it from the cache or a checkpoint
+            self.fit_classifier(id_train, ctx, labels)
 
     def score(
         self,
