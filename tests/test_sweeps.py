@@ -158,6 +158,9 @@ def provide_dataset(source_cfg: dict, data_dir: Path, conf_copy: Path) -> None:
     elif target.endswith("IdxSource"):
         if not (data_dir / source_cfg["folder"]).exists():
             write_idx(data_dir / source_cfg["folder"])
+    elif target.endswith("ImageListSource"):
+        if not (data_dir / source_cfg["test_list"]).exists():
+            write_image_list(data_dir, source_cfg)
     elif target.endswith("MVTecLayout"):
         if not (data_dir / source_cfg["folder"]).exists():
             write_mvtec(data_dir, source_cfg["folder"], size=(32, 32))
