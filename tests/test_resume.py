@@ -19,8 +19,17 @@ from ood_bench.runner import run
 
 SEEDS = (0, 1, 2)
 # Tiny LMD on digits; 16 + 16 test images in one batch each, 2 repeats: 4 cached inpainting entries per cell
-# (one per batch and repeat).
-SWEEP = [*TINY_RUN_OVERRIDES, "method.distance=mse", "method.steps=15", "figures.enabled=false", "threads=1"]
+# (one per batch and repeat). eval_batch=16 inpaints one repeat per pass, so the entries appear one at a time
+# and an interrupt sent after the 6th lands while cell 1 still has two passes to run (batching both repeats
+# would write them in pairs and leave the signal almost no work to interrupt).
+SWEEP = [
+    *TINY_RUN_OVERRIDES,
+    "method.distance=mse",
+    "method.steps=30",
+    "method.eval_batch=16",
+    "figures.enabled=false",
+    "threads=1",
+]
 
 
 def folders(root: Path) -> list[str]:
