@@ -204,6 +204,7 @@ def test_anomaly_runs_get_their_own_table_and_convention(tmp_path, capsys):
     assert code == 0
     head, _, anomaly_part = out.partition("Few-shot anomaly detection")
     assert "magnetic_tile" not in head  # not among the OOD tables
+    assert "cifar10_mnist" not in anomaly_part  # and the OOD run (an empty image_auroc in runs.csv) not among these
     row = next(line for line in anomaly_part.splitlines() if "magnetic_tile" in line)
     assert "62.48 ± 4.01" in row and "67.30" in row
     assert ANOMALY_CONVENTION in anomaly_part

@@ -111,7 +111,8 @@ def load_runs(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     if "setting_hash" not in runs:
         runs["setting_hash"] = ""
     runs["setting_hash"] = runs["setting_hash"].where(runs["setting_hash"] != "", runs["config_hash"])
-    for col in NUMERIC:
+    anomaly_cols = (*ANOMALY_METRICS, *(f"{m}_std" for m in ANOMALY_METRICS))
+    for col in (*NUMERIC, *anomaly_cols):  # "" (a column another kind of run does not have) becomes NaN
         if col in runs:
             runs[col] = pd.to_numeric(runs[col].replace("", np.nan))
     return runs
