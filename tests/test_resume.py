@@ -48,11 +48,25 @@ def done_cells(root: Path) -> dict[str, int]:
     return {p.name: (p / "DONE").stat().st_mtime_ns for p in base.iterdir() if (p / "DONE").is_file()}
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action. A test suite started in the background of a
+    non-interactive shell (``.ci/run &``, ``nohup``) inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt, so the interrupt this test sends would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def sweep(root: Path, log: Path, kill_when=None, sig=None, timeout: float = 400) -> tuple[int, str]:
     """``run.py -m seed=0,1,2`` with the tiny settings; ``sig`` is sent once ``kill_when(root)`` holds."""
     cmd = [sys.executable, "run.py", "-m", *SWEEP, f"seed={','.join(map(str, SEEDS))}", *folders(root)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_default_sigint,
+        )
         t0 = time.monotonic()
         while proc.poll() is None:
             if kill_when is not None and kill_when(root):
@@ -149,7 +163,14 @@ def test_killed_dlsr_sweep_reuses_feature_sets(tmp_path):
     def dlsr_sweep(root: Path, log: str, kill_when=None) -> tuple[int, str]:
         cmd = [sys.executable, "run.py", "-m", *base, *cells, *folders(root)]
         with open(root / log, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO_ROOT,
+                env=subprocess_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_default_sigint,
+            )
             while proc.poll() is None:
                 if kill_when is not None and kill_when((root / log).read_text()):
                     time.sleep(0.3)
