@@ -306,6 +306,24 @@ def test_cg_method_stops_early_per_sample_and_is_batch_size_invariant(tmp_path) 
     np.testing.assert_array_equal(a.extras["depth"], b.extras["depth"])
 
 
+def test_bf16_runs_inversion_and_synthesis_under_autocast_and_stays_batch_size_invariant(tmp_path) -> None:
+    ood, _ = digits((7,))
+    imgs, idx = ood[:8], np.arange(8)
+    full_dg, full_ctx, _, _ = _fitted(tmp_path / "fp32", batch_size=8)
+    full = full_dg.score(imgs, full_ctx, indices=idx)
+    runs = []
+    for bs in (8, 3):
+        dg, ctx, _, _ = _fitted(tmp_path / "fp32", batch_size=bs, precision="bf16")  # the same cached networks
+        runs.append(dg.score(imgs, ctx, indices=idx))
+    assert dg.describe()["precision"] == "bf16"
+    np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=1e-5, atol=1e-6)  # batch size: no effect
+    assert not np.array_equal(runs[0].values, full.values)  # bf16 really ran (and has its own cache entries)
+    np.testing.assert_allclose(runs[0].values, full.values, rtol=0.2, atol=0.05)  # and stays close to fp32
+    dg = build_method({"name": "diffguard", "steps": 10, "inversion_steps": 5, "precision": "fp16"})
+    with pytest.raises(ValueError, match=r"method.precision=fp16 needs a CUDA device.*bf16 or fp32"):
+        dg.fit(*digits((0, 1, 2))[:1], _ctx(tmp_path / "c", tiny_model_cfg(20)), labels=digits((0, 1, 2))[1])
+
+
 def test_oracle_modes_use_true_labels_for_id_and_random_ones_for_ood(tmp_path) -> None:
     dg, ctx, x, y = _fitted(tmp_path, label_mode="oracle")
     s_id = dg.score(x[:12], ctx, indices=np.arange(12), labels=y[:12], split="id")
@@ -353,6 +371,7 @@ def test_combination_trusts_the_baseline_on_confident_inputs(tmp_path) -> None:
         ({"combine": "knn"}, r"method.combine='knn'.*none.*msp.*mls.*ebo"),
         ({"cam_cut": 0.3, "guidance": "cg"}, r"cam_cut applies to guidance=cfg"),
         ({"ddim_convention": "ddpm"}, r"method.ddim_convention='ddpm'.*adm.*ldm"),
+        ({"precision": "fp8"}, r"method.precision='fp8'.*fp32.*bf16.*fp16"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs: dict, pattern: str) -> None:
