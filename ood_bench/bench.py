@@ -101,17 +101,17 @@ def bare_rate(forward: Callable[[], Any], rows: int, device: torch.device, preci
 
 
 def unet_batch(
-    cfg: DictConfig, rows: int, device: torch.device, channels_last: bool = False
+    cfg: DictConfig, rows: int, device: torch.device, channels_last: bool = False, num_class_embeds: int | None = None
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """The run's image UNet (``model.unet`` at ``data.image_size``, seeded random weights), ``rows`` random images
-    and timesteps."""
+    """The run's image UNet (``model.unet`` at ``data.image_size``, seeded random weights; class embeddings when
+    ``num_class_embeds`` is given), ``rows`` random images and timesteps."""
     from ood_bench.models.diffusion import build_unet
 
     mcfg = OmegaConf.to_container(cfg.model, resolve=True)
     size, ch = int(cfg.data.image_size), int(cfg.data.channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet = build_unet(mcfg["unet"], size, ch).to(device).eval()
+        unet = build_unet(mcfg["unet"], size, ch, num_class_embeds=num_class_embeds).to(device).eval()
         x = torch.randn(rows, ch, size, size).to(device)
         t = torch.randint(0, int(mcfg["scheduler"]["num_train_timesteps"]), (rows,)).to(device)
     if channels_last:
@@ -155,19 +155,12 @@ def dlsr_loop(cfg: DictConfig, record: dict[str, Any]):
 def diffguard_loop(cfg: DictConfig, record: dict[str, Any]):
     """DiffGuard: the class-conditional UNet at the scoring batch (inversion and synthesis; a CFG step is one call
     on twice the rows and counts as two evaluations per image, as ``nfe_per_image`` does)."""
-    from ood_bench.models.diffusion import build_unet
-
     batch = min(int(cfg.method.batch_size), max(int(record["n_id"]), int(record["n_ood"])))
-    mcfg = OmegaConf.to_container(cfg.model, resolve=True)
-    size, ch = int(cfg.data.image_size), int(cfg.data.channels)
+    classes = 11  # 10 classes + the null class; the number of embeddings does not change the timing
 
     def make(rows: int, device: torch.device) -> Callable[[], Any]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            unet = build_unet(mcfg["unet"], size, ch, num_class_embeds=11).to(device).eval()
-            x = torch.randn(rows, ch, size, size).to(device)
-            t = torch.randint(0, int(mcfg["scheduler"]["num_train_timesteps"]), (rows,)).to(device)
-            y = torch.randint(0, 11, (rows,)).to(device)
+        unet, x, t = unet_batch(cfg, rows, device, num_class_embeds=classes)
+        y = torch.arange(rows, device=device) % classes
         return lambda: unet(x, t, class_labels=y)
 
     return make, batch

@@ -302,18 +302,18 @@ class DiffGuard(ClassifierMethod):
         nfe = float(np.nansum(cols[:, 3]) / max(n, 1))
         return Scores(values, extras=extras, nfe_per_image=nfe)
 
+    def _uncond(self, x: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
+        """The unconditional noise prediction (the eps function of inversion and of unguided synthesis)."""
+        return unconditional_eps(self.model, x, t)
+
     @torch.no_grad()
     def _batch(self, x01: torch.Tensor, idx: np.ndarray, y: torch.Tensor, seed: int) -> np.ndarray:
         """Invert, re-synthesise and measure one batch; columns ``_COLS``."""
-        model, grid, clf = self.model, self.grid, self.classifier
+        grid, clf = self.grid, self.classifier
         x = x01 * 2 - 1
-
-        def uncond(xx: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
-            return unconditional_eps(model, xx, t)
-
         stop = self.early_stop if self.early_stop.active else None
         with phase("features"), autocast(x.device, self.precision):  # inversion
-            latents, depth = invert(grid, x, self.inversion_steps, uncond, clip=self.clip_denoised, stop_fn=stop)
+            latents, depth = invert(grid, x, self.inversion_steps, self._uncond, clip=self.clip_denoised, stop_fn=stop)
             latents = latents.float()
         with phase("sampling"), autocast(x.device, self.precision):
             recon, compare, nfe, passes, syn_steps = self._resynthesize(x, x01, latents, depth, idx, y, seed)
@@ -338,11 +338,7 @@ class DiffGuard(ClassifierMethod):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Guided re-synthesis from the inverted latents (and the unguided one with ``uncond_aux``): the
         reconstruction, what it is compared with, NFE and classifier passes per image, synthesis steps."""
-        model, grid, clf = self.model, self.grid, self.classifier
-
-        def uncond(xx: torch.Tensor, t: int, rows: torch.Tensor) -> torch.Tensor:
-            return unconditional_eps(model, xx, t)
-
+        model, grid, clf, uncond = self.model, self.grid, self.classifier, self._uncond
         start = grid.start_level(depth, self.synthesis_offset)
         syn_steps = grid.synthesis_steps(start)
         passes = torch.zeros(len(x))
