@@ -13,6 +13,7 @@ from ood_bench.methods import Context, build_method
 from ood_bench.methods import anomalysd as asd_module
 from ood_bench.methods.anomalysd import fuse, harmonic_fusion, image_scores
 from ood_bench.models.sd_stack import (
+    PatchAutoencoder,
     StackNotFoundError,
     build_scratch_stack,
     build_tokenizer,
@@ -54,6 +55,7 @@ TINY_SETTINGS = dict(
     mask_scales=[2, 4],
     checkpoint_every=0,
 )
+PATCH_STACK = {**TINY_STACK, "vae": {"kind": "patch", "patch_size": 2}}
 NAMES = {"object_names": ["magnetic tile", "commutator"], "categories": ["magnetic_tile", "kolektor_sdd"]}
 
 
@@ -406,6 +408,41 @@ def test_saved_stack_loads_from_a_local_folder(tmp_path):
             assert torch.equal(a, b), name
 
 
+def test_patch_autoencoder_is_exact_and_loads_through_the_stack_layout(tmp_path):
+    stack = build_scratch_stack(PATCH_STACK, ["perfect", "tile"], seed=0)
+    assert isinstance(stack.vae, PatchAutoencoder) and not list(stack.vae.parameters())
+    assert stack.latent_channels == 12 and stack.vae_scale_factor == 2
+    assert stack.unet.config.in_channels == 25 and stack.unet.config.out_channels == 12
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    stack.vae.register_to_config(shift_factor=-0.2, scaling_factor=3.0)
+    z = stack.encode(x)
+    assert z.shape == (2, 12, SIZE // 2, SIZE // 2)
+    assert torch.allclose(z[:, :, 0, 0].reshape(2, 3, 4)[:, :, 0], (x[:, :, 0, 0] + 0.2) * 3.0)
+    assert torch.allclose(stack.decode(z), x, atol=1e-6)  # lossless, unlike any trained VAE
+    assert torch.equal(stack.encode(x, generator=torch.Generator(), sample=True), z)  # a deterministic posterior
+    stack.save(tmp_path / "sd")
+    loaded = load_stack(str(tmp_path / "sd"))
+    assert isinstance(loaded.vae, PatchAutoencoder)
+    assert loaded.scaling_factor == 3.0 and loaded.vae.config.shift_factor == -0.2
+    assert torch.allclose(loaded.encode(x), z)
+
+
+def test_patch_stack_fits_normalised_latents_and_its_reference_is_the_input(tmp_path):
+    ctx = tiny_ctx(tmp_path)
+    shots = images(2, 0)
+    by_ref = {}
+    for ref in ("input", "reconstruction"):
+        method = tiny_method(scratch=PATCH_STACK, vae_mode="none", reference=ref)
+        method.fit(shots, ctx, labels=np.array([0, 1]))
+        by_ref[ref] = method.score(images(3, 1), ctx, labels=np.array([0, 1, 1])).maps
+    cfg = method.sd.vae.config  # the shots' latents are standardised (what LDM's scaling rule does for a VAE)
+    assert cfg.shift_factor == pytest.approx(float((shots * 2 - 1).mean()), abs=1e-5)
+    assert cfg.scaling_factor == pytest.approx(1 / float((shots * 2 - 1).std()), rel=1e-4)
+    assert method.train_info["scaling_factor"] == pytest.approx(cfg.scaling_factor)
+    assert method.describe()["latent_factor"] == 2 and np.isfinite(by_ref["input"]).all()
+    np.testing.assert_allclose(by_ref["input"], by_ref["reconstruction"], rtol=1e-4, atol=1e-6)
+
+
 def test_missing_stack_fails_with_the_manual_step(tmp_path):
     with pytest.raises(StackNotFoundError, match=r"huggingface-cli download nobody/no-sd-inpainting --local-dir"):
         load_stack("nobody/no-sd-inpainting")
@@ -445,6 +482,9 @@ def test_text_to_image_unet_is_refused():
         ({"precision": "fp16"}, r"method\.precision='fp16'.*fp32.*bf16"),
         ({"object_prompt": "A perfect part."}, r"\{c\}"),
         ({"scratch": None}, r"method\.stack .*or method\.scratch"),
+        ({"scratch": {**TINY_STACK, "vae": {"kind": "vq"}}}, r"method\.scratch\.vae\.kind='vq'.*kl.*patch"),
+        ({"scratch": {**PATCH_STACK, "vae": {"kind": "patch"}}}, r"method\.scratch\.vae\.patch_size=None"),
+        ({"scratch": PATCH_STACK, "vae_mode": "full"}, r"vae_mode='full' with method\.scratch\.vae\.kind=patch"),
     ],
 )
 def test_bad_settings_fail_at_construction(overrides, match):

@@ -37,7 +37,14 @@ from ood_bench.costs import phase
 from ood_bench.distances.feature_maps import WEIGHTINGS, AlexFeatureMaps, check_layers, nearest_prototype_distance
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.sd_finetune import FOREGROUNDS, VAE_MODES, Augment, FinetuneConfig, finetune
-from ood_bench.models.sd_stack import SDStack, load_stack, prompt_words, scratch_stack_dir, validate_scratch_cfg
+from ood_bench.models.sd_stack import (
+    SDStack,
+    load_stack,
+    prompt_words,
+    scratch_factor,
+    scratch_stack_dir,
+    validate_scratch_cfg,
+)
 from ood_bench.samplers.anomaly_masks import (
     GRID_LAYOUTS,
     check_grid,
@@ -210,6 +217,11 @@ class AnomalySD(Method):
             )
         if stack is None:
             validate_scratch_cfg(scratch)
+            if scratch["vae"].get("kind", "kl") == "patch" and vae_mode != "none":
+                raise ValueError(
+                    f"method.vae_mode={vae_mode!r} with method.scratch.vae.kind=patch: a PatchAutoencoder has no "
+                    "weights to train; use method.vae_mode=none (or scratch.vae.kind=kl)"
+                )
         self.stack_ref, self.scratch, self.scratch_seed = stack, scratch, scratch_seed
         self.object_prompt, self.detail_prompt = object_prompt, detail_prompt
         self.detail_words = [str(w) for w in detail_words]
@@ -267,7 +279,7 @@ class AnomalySD(Method):
         if self.sd is not None:
             return self.sd.vae_scale_factor
         if self.scratch is not None and self.stack_ref is None:
-            return 2 ** (len(self.scratch["vae"]["block_out_channels"]) - 1)
+            return scratch_factor(self.scratch)
         return None
 
     def check(self, image_size: int, channels: int, model_cfg: dict[str, Any] | None) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from ood_bench.models.sd_stack import SDStack
+from ood_bench.models.sd_stack import PatchAutoencoder, SDStack
 from ood_bench.samplers.anomaly_masks import foreground_mask, random_train_mask, upsample_mask
 from ood_bench.samplers.sd_inpaint import unet_input
 from ood_bench.utils import atomic_path
@@ -213,6 +213,13 @@ def _train_vae(
 
 
 @torch.no_grad()
+def _set_patch_normalisation(stack: SDStack, shots: torch.Tensor, device: torch.device) -> None:
+    """A ``PatchAutoencoder``'s latents are pixels: shift by the shots' mean and scale to unit variance."""
+    z = stack.vae.encode(shots.to(device) * 2 - 1).latent_dist.mean.float()
+    stack.vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=1.0 / max(float(z.std()), 1e-6))
+
+
+@torch.no_grad()
 def _set_scaling_factor(stack: SDStack, shots: torch.Tensor, device: torch.device) -> float:
     """LDM's rule: scale latents to unit variance (1 / std of the shots' latent means)."""
     z = stack.vae.encode(shots.to(device) * 2 - 1).latent_dist.mean
@@ -330,7 +337,13 @@ def finetune(
         )
         losses: list[tuple[str, int, float]] = []
         vae_done = resume_dir / "vae_done" if resume_dir is not None else None
-        if cfg.vae_mode != "none" and cfg.vae_steps > 0:
+        if isinstance(stack.vae, PatchAutoencoder):  # nothing to train: exact, only normalised to the shots
+            if cfg.vae_mode != "none":
+                raise ValueError(
+                    f"vae_mode={cfg.vae_mode!r}: the VAE is a parameter-free PatchAutoencoder; use vae_mode=none"
+                )
+            _set_patch_normalisation(stack, shots, device)
+        elif cfg.vae_mode != "none" and cfg.vae_steps > 0:
             if vae_done is not None and (vae_done / "config.json").is_file():
                 stack.vae = type(stack.vae).from_pretrained(vae_done).to(device).eval().requires_grad_(False)
                 gen.set_state(torch.load(vae_done / "gen.pt", weights_only=True))

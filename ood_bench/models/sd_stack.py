@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_utils import ModelMixin
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,56 @@ SD_SCHEDULER = {
 }
 
 
+VAE_KINDS = ("kl", "patch")
+
+
+class PatchAutoencoder(ModelMixin, ConfigMixin):
+    """A lossless, parameter-free stand-in for the VAE: space-to-depth by ``patch_size`` (pixel (un)shuffle).
+
+    ``encode`` folds each ``p x p`` patch into ``3 p²`` channels, ``decode`` unfolds them: exact, so inpainting
+    differences are not buried under an autoencoder's reconstruction error. The latent grid is the one a VAE with
+    the same factor would give, so the UNet costs the same; diffusion then runs in pixel space at patch resolution
+    (as "simple diffusion", Hoogeboom et al. 2023, patches pixels). Used by scratch stacks (``scratch.vae.kind:
+    patch``), where a VAE trained from scratch on a few shots is far from lossless. It has the ``encode`` /
+    ``decode`` interface of ``AutoencoderKL`` (a deterministic latent distribution) and its folder layout
+    (``vae/config.json``; no weights file).
+    """
+
+    @register_to_config
+    def __init__(
+        self, in_channels: int = 3, patch_size: int = 4, scaling_factor: float = 1.0, shift_factor: float = 0.0
+    ) -> None:
+        super().__init__()
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config.in_channels) * int(self.config.patch_size) ** 2
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput:
+        z = F.pixel_unshuffle(x, int(self.config.patch_size))
+        dist = DiagonalGaussianDistribution(torch.cat([z, torch.zeros_like(z)], 1), deterministic=True)
+        return AutoencoderKLOutput(latent_dist=dist)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput:
+        return DecoderOutput(sample=F.pixel_shuffle(z, int(self.config.patch_size)))
+
+
+def vae_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent cell along each side of an ``AutoencoderKL`` or ``PatchAutoencoder``."""
+    if isinstance(vae, PatchAutoencoder):
+        return int(vae.config.patch_size)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_channels(vae: torch.nn.Module) -> int:
+    return vae.latent_channels if isinstance(vae, PatchAutoencoder) else int(vae.config.latent_channels)
+
+
+def vae_shift(vae: torch.nn.Module) -> float:
+    """The latent shift (SD3's ``shift_factor``; ``None`` / 0 for SD 1.x and 2.x)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 class StackNotFoundError(FileNotFoundError):
     """A Stable-Diffusion stack is neither a local folder nor loadable from the hub."""
 
@@ -51,7 +106,7 @@ class SDStack:
     """The five parts of an SD-inpainting checkpoint; ``source`` says where they came from."""
 
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PatchAutoencoder
     text_encoder: Any  # transformers.CLIPTextModel
     tokenizer: Any  # transformers.CLIPTokenizer
     scheduler_config: dict[str, Any]
@@ -60,7 +115,7 @@ class SDStack:
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along each side (8 for SD)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_factor(self.vae)
 
     @property
     def scaling_factor(self) -> float:
@@ -68,7 +123,7 @@ class SDStack:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
+        return vae_channels(self.vae)
 
     def to(self, device: torch.device) -> SDStack:
         for part in (self.unet, self.vae, self.text_encoder):
@@ -107,11 +162,11 @@ class SDStack:
         """Latents of images in ``[-1, 1]`` (posterior mean, or a sample drawn with ``generator``)."""
         dist = self.vae.encode(images).latent_dist
         z = dist.sample(generator) if sample else dist.mean
-        return z * self.scaling_factor
+        return (z - vae_shift(self.vae)) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in ``[-1, 1]`` (not clamped) from scaled latents."""
-        return self.vae.decode(latents / self.scaling_factor).sample
+        return self.vae.decode(latents / self.scaling_factor + vae_shift(self.vae)).sample
 
     def save(self, folder: Path, parts: Iterable[str] = PARTS) -> None:
         """Write the chosen parts in the diffusers SD folder layout."""
@@ -125,13 +180,13 @@ class SDStack:
 
 def check_stack(stack: SDStack) -> None:
     """The parts fit together as an SD-inpainting model (9-channel UNet, matching latent and text widths)."""
-    u, v = stack.unet.config, stack.vae.config
-    want_in = 2 * v.latent_channels + 1
-    if u.in_channels != want_in or u.out_channels != v.latent_channels:
+    u, latent = stack.unet.config, stack.latent_channels
+    want_in = 2 * latent + 1
+    if u.in_channels != want_in or u.out_channels != latent:
         raise ValueError(
             f"{stack.source}: the UNet takes {u.in_channels} and gives {u.out_channels} channels; an inpainting UNet "
-            f"for {v.latent_channels}-channel latents takes {want_in} ([z_t; mask; masked-image latents]) and gives "
-            f"{v.latent_channels} (is this a text-to-image checkpoint rather than an inpainting one?)"
+            f"for {latent}-channel latents takes {want_in} ([z_t; mask; masked-image latents]) and gives "
+            f"{latent} (is this a text-to-image checkpoint rather than an inpainting one?)"
         )
     hidden = stack.text_encoder.config.hidden_size
     if u.cross_attention_dim != hidden:
@@ -143,12 +198,20 @@ def check_stack(stack: SDStack) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _load_vae(where: str, **kwargs: Any) -> AutoencoderKL | PatchAutoencoder:
+    """``vae/`` as the class its config names (``PatchAutoencoder`` has no weights file)."""
+    cfg = AutoencoderKL.load_config(where, subfolder="vae")
+    if cfg.get("_class_name") == PatchAutoencoder.__name__:
+        return PatchAutoencoder.from_config(cfg)
+    return AutoencoderKL.from_pretrained(where, subfolder="vae", **kwargs)
+
+
 def _load_part(part: str, ref: str, local: Path | None, offline_hint: str):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     loaders = {
         "unet": UNet2DConditionModel.from_pretrained,
-        "vae": AutoencoderKL.from_pretrained,
+        "vae": lambda where, subfolder, **kw: _load_vae(where, **kw),
         "text_encoder": CLIPTextModel.from_pretrained,
         "tokenizer": CLIPTokenizer.from_pretrained,
     }
@@ -240,28 +303,43 @@ def build_tokenizer(words: Iterable[str], max_length: int):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def _scratch_kl(vcfg: dict[str, Any]) -> AutoencoderKL:
+    """A random ``AutoencoderKL`` from ``method.scratch.vae`` (``kind: kl``)."""
+    vae_blocks = tuple(vcfg["block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+        block_out_channels=vae_blocks,
+        layers_per_block=int(vcfg["layers_per_block"]),
+        latent_channels=int(vcfg["latent_channels"]),
+        norm_num_groups=int(vcfg["norm_num_groups"]),
+        mid_block_add_attention=bool(vcfg.get("mid_block_attention", True)),
+        scaling_factor=1.0,  # set from the shots' latent std when the VAE is trained
+    )
+
+
+def scratch_factor(cfg: dict[str, Any]) -> int:
+    """Pixels per latent cell of the scratch stack ``method.scratch`` describes (before it is built)."""
+    v = cfg["vae"]
+    return int(v["patch_size"]) if v.get("kind", "kl") == "patch" else 2 ** (len(v["block_out_channels"]) - 1)
+
+
 def build_scratch_stack(cfg: dict[str, Any], words: Iterable[str], seed: int) -> SDStack:
     """A randomly initialised (seeded) SD-inpainting stack from the ``method.scratch`` settings."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vcfg, ucfg, tcfg = dict(cfg["vae"]), dict(cfg["unet"]), dict(cfg["text"])
     tokenizer = build_tokenizer(words, int(tcfg["max_length"]))
-    latent = int(vcfg["latent_channels"])
+    kind = vcfg.get("kind", "kl")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae_blocks = tuple(vcfg["block_out_channels"])
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
-            block_out_channels=vae_blocks,
-            layers_per_block=int(vcfg["layers_per_block"]),
-            latent_channels=latent,
-            norm_num_groups=int(vcfg["norm_num_groups"]),
-            mid_block_add_attention=bool(vcfg.get("mid_block_attention", True)),
-            scaling_factor=1.0,  # set from the shots' latent std when the VAE is trained
-        )
+        if kind == "patch":
+            vae = PatchAutoencoder(in_channels=3, patch_size=int(vcfg["patch_size"]))
+        else:
+            vae = _scratch_kl(vcfg)
+        latent = vae_channels(vae)
         text = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -296,6 +374,13 @@ def validate_scratch_cfg(cfg: dict[str, Any]) -> None:
     for key in ("vae", "unet", "text"):
         if key not in cfg:
             raise ValueError(f"method.scratch.{key} is missing; method.scratch needs vae, unet and text settings")
+    kind = cfg["vae"].get("kind", "kl")
+    if kind not in VAE_KINDS:
+        raise ValueError(f"method.scratch.vae.kind={kind!r} is not valid; valid: {list(VAE_KINDS)}")
+    if kind == "patch" and (not isinstance(cfg["vae"].get("patch_size"), int) or cfg["vae"]["patch_size"] < 1):
+        raise ValueError(
+            f"method.scratch.vae.patch_size={cfg['vae'].get('patch_size')!r} is not valid; use an integer >= 1"
+        )
     u = cfg["unet"]
     lens = [len(u[k]) for k in ("block_out_channels", "down_block_types", "up_block_types")]
     if len(set(lens)) != 1:
@@ -303,7 +388,8 @@ def validate_scratch_cfg(cfg: dict[str, Any]) -> None:
             f"method.scratch.unet: block_out_channels, down_block_types and up_block_types need the same length, "
             f"got {lens}"
         )
-    for key, groups in (("vae", cfg["vae"]["norm_num_groups"]), ("unet", u["norm_num_groups"])):
+    checked = [("unet", u["norm_num_groups"])] + ([("vae", cfg["vae"]["norm_num_groups"])] if kind == "kl" else [])
+    for key, groups in checked:
         bad = [c for c in cfg[key]["block_out_channels"] if c % groups]
         if bad:
             raise ValueError(f"method.scratch.{key}.block_out_channels {bad} are not divisible by norm_num_groups")
