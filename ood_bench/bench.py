@@ -200,10 +200,9 @@ register_case(
             "data.n_test=20",
             "data.shot_seeds=[0]",
             "method.unet_steps=60",
-            "method.vae_steps=20",
         ),
         None,
-        "CPU defaults, k = 1, one shot seed, 20 test images, fine-tuning cut to 60 UNet + 20 VAE steps",
+        "CPU defaults (patch stack: no VAE to train), k = 1, one shot seed, 20 test images, 60 UNet steps",
     )
 )
 register_case(

@@ -6,7 +6,10 @@ AnomalySD caches, per test batch, the K per-scale difference maps, the prototype
 distance (``anomalysd_maps/<key>/array.npy``, ``[n, K + 2, H, W]``), keyed by the fine-tuned model. For every
 fine-tuned model whose cached maps cover the category's test subset, this prints image and pixel AUROC of: S_ms
 alone (alpha 0), the default fusion (alpha 0.5), S_pg alone (alpha 1), mean instead of harmonic fusion, no smoothing,
-and the prototype kNN map, then their mean and std over the models (one model per shot seed).
+and the prototype kNN map, then their mean and std over the models (one model per shot seed). For reading the maps
+it also scores two maps of the input alone (no model): its local texture (the 7x7 standard deviation of the grey
+values) and its flatness (the negated texture), and prints the Spearman correlation of S_ms with the texture, over
+the test pixels and over the images (S_ms's image score against the image's mean texture).
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from ood_bench.data.anomaly import load_category
@@ -37,6 +43,14 @@ def variants(scales: np.ndarray, pg: np.ndarray, knn: np.ndarray, sigma: float) 
         "alpha 0.5, no smoothing": fuse(scales, pg, 0.5, "harmonic"),
         "prototype kNN map (no inpainting)": smooth(knn, sigma),
     }
+
+
+def local_std(images: torch.Tensor, size: int = 7) -> np.ndarray:
+    """``[N, H, W]``: the standard deviation of the grey values in a ``size`` x ``size`` window around each pixel."""
+    g = images.double().mean(1, keepdim=True)  # float64: E[g²] - E[g]² cancels on flat regions
+    pool = dict(kernel_size=size, stride=1, padding=size // 2, count_include_pad=False)
+    mean = F.avg_pool2d(g, **pool)
+    return (F.avg_pool2d(g * g, **pool) - mean**2).clamp_min(0).sqrt()[:, 0].numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(spec_file.read_text())
         maps = np.load(spec_file.parent / "array.npy")
         by_model.setdefault(spec["model"], {}).update(zip(map(int, spec["indices"]), maps))
-    results = []
+    texture = local_std(cat.test_images)
+    pixels = np.random.default_rng(0).choice(texture.size, min(texture.size, 200_000), replace=False)
+    results, rho_pixels, rho_images = [], [], []
     for model, maps in by_model.items():
         if not all(r in maps for r in rows):
             continue
         arr = np.stack([maps[r] for r in rows]).astype(np.float64)
         k = arr.shape[1] - 2
-        for name, m in variants(arr[:, :k], arr[:, k], arr[:, k + 1], args.sigma).items():
+        terms = variants(arr[:, :k], arr[:, k], arr[:, k + 1], args.sigma)
+        terms["input texture: 7x7 local std (no model)"] = texture
+        terms["input flatness: -texture (no model)"] = -texture
+        s_ms = terms["S_ms only (alpha 0)"]
+        rho_pixels.append(spearmanr(s_ms.ravel()[pixels], texture.ravel()[pixels])[0])
+        rho_images.append(spearmanr(image_scores(s_ms, "max", 0.0), texture.mean(axis=(1, 2)))[0])
+        for name, m in terms.items():
             results.append(
                 {
                     "model": model,
@@ -83,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = frame.groupby("variant", sort=False)[["image_auroc", "pixel_auroc"]].agg(["mean", "std"])
     print(f"{args.category}: {frame['model'].nunique()} fine-tuned models, {len(rows)} test images")
     print(summary.round(3).to_markdown())
+    for what, rho in (("test pixels", rho_pixels), ("images (image score vs mean texture)", rho_images)):
+        spread = np.std(rho, ddof=1) if len(rho) > 1 else 0.0
+        print(f"Spearman correlation of S_ms with the input texture over {what}: {np.mean(rho):.3f} ± {spread:.3f}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_weight
+from conftest import load_script, shared_weight
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.methods import Context, build_method
@@ -559,3 +559,14 @@ def test_run_through_the_runner_and_rescore_from_cache(hydra_conf, tmp_path, mon
     again = run(hydra_conf([*TINY_RUN, f"paths.data_dir={data}", "method.alpha=0.0"], tmp_path))
     assert calls == {"finetune": 1, "inpaint": 5}  # cached fine-tuned stack and cached maps
     assert again["config_hash"] != record["config_hash"] and again["method.alpha"] == 0.0
+
+
+def test_terms_script_texture_is_the_windowed_grey_std():
+    terms = load_script("anomalysd_terms")
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    got = terms.local_std(x, size=5)
+    grey = x.mean(1).numpy()
+    assert got.shape == (2, 12, 12)
+    assert got[1, 6, 6] == pytest.approx(grey[1, 4:9, 4:9].std(), abs=1e-5)  # interior: the full 5x5 window
+    assert got[0, 0, 0] == pytest.approx(grey[0, :3, :3].std(), abs=1e-5)  # corner: only the pixels inside
+    assert np.allclose(terms.local_std(torch.full((1, 3, 8, 8), 0.3)), 0, atol=1e-4)  # flat: no texture
