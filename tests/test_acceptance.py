@@ -67,6 +67,21 @@ def test_patch_knn_reference_on_real_surface_defects(tmp_path: Path, data: str, 
     assert float(row["image_auroc"]) >= image_floor and float(row["pixel_auroc"]) >= pixel_floor
 
 
+def test_anomalysd_magnetic_tile_within_30_minutes(tmp_path: Path) -> None:
+    """Issue 6's run: 1 shot, 3 shot seeds, fine-tuning included, every metric and the overlay figure. Measured
+    0.559 image AUROC in 9.5 min on 2 cores (docs/anomalysd.md); the floor is the issue's, with no room to spare."""
+    shared_path("magnetic_tile", "train", "good")
+    shared_weight("alexnet_features_imagenet.pth")
+    row = _run(tmp_path, ["method=anomalysd", "data=magnetic_tile"], minutes=30)
+    assert (row["category"], row["shot_seed"], row["n_fits"]) == ("magnetic_tile", "mean", "3")
+    assert row["method.vae"] == "PatchAutoencoder" and row["method.reference"] == "input"
+    for metric in ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro", "pixel_f1_max"):
+        assert 0.0 <= float(row[metric]) <= 1.0, metric
+    assert float(row["image_auroc"]) >= 0.55
+    figures = list((tmp_path / "results").rglob("figures/anomaly_magnetic_tile.png"))
+    assert len(figures) == 1
+
+
 def test_diffguard_digits_reaches_auroc_090(tmp_path: Path) -> None:
     row = _run(tmp_path, ["method=diffguard", "data=digits"], minutes=15)
     assert (row["method.guidance"], row["method.distance_used"]) == ("cfg", "logit_l1")

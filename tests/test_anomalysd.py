@@ -129,6 +129,7 @@ def test_fit_and_score_end_to_end(fitted):
     assert record["nfe_per_image"] == 10 and record["masks_per_image"] == 5
     assert record["stack_source"].startswith("scratch:") and "+finetuned:" in record["stack_source"]
     assert record["categories"] == "magnetic tile|commutator" and record["latent_factor"] == 2
+    assert record["vae"] == "AutoencoderKL" and record["params_vae"] > 0
 
 
 def test_unknown_category_at_score_time_is_refused(fitted):
@@ -439,7 +440,9 @@ def test_patch_stack_fits_normalised_latents_and_its_reference_is_the_input(tmp_
     assert cfg.shift_factor == pytest.approx(float((shots * 2 - 1).mean()), abs=1e-5)
     assert cfg.scaling_factor == pytest.approx(1 / float((shots * 2 - 1).std()), rel=1e-4)
     assert method.train_info["scaling_factor"] == pytest.approx(cfg.scaling_factor)
-    assert method.describe()["latent_factor"] == 2 and np.isfinite(by_ref["input"]).all()
+    record = method.describe()
+    assert record["latent_factor"] == 2 and record["vae"] == "PatchAutoencoder" and record["params_vae"] == 0
+    assert np.isfinite(by_ref["input"]).all()
     np.testing.assert_allclose(by_ref["input"], by_ref["reconstruction"], rtol=1e-4, atol=1e-6)
 
 

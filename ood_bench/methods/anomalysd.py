@@ -514,6 +514,7 @@ class AnomalySD(Method):
             "stack_source": self.sd.source if self.sd else "",
             "params_unet": counts.get("unet", 0),
             "params_vae": counts.get("vae", 0),
+            "vae": type(self.sd.vae).__name__ if self.sd else "",  # AutoencoderKL | PatchAutoencoder (exact)
             "params_text": counts.get("text_encoder", 0),
             "latent_factor": self.latent_factor or "",
             "scratch_hash": stable_hash(self.scratch) if self.stack_ref is None else "",
