@@ -213,20 +213,13 @@ def _train_vae(
 
 
 @torch.no_grad()
-def _set_patch_normalisation(stack: SDStack, shots: torch.Tensor, device: torch.device) -> None:
-    """A ``PatchAutoencoder``'s latents are pixels: shift by the shots' mean and scale to unit variance."""
+def _normalise_latents(stack: SDStack, shots: torch.Tensor, device: torch.device, shift: bool) -> None:
+    """LDM's rule: scale latents to unit variance (1 / std of the shots' latent means). ``shift`` also centres them
+    on the shots' mean (SD3's ``shift_factor``): a ``PatchAutoencoder``'s latents are pixels, far from zero-mean."""
     z = stack.vae.encode(shots.to(device) * 2 - 1).latent_dist.mean.float()
-    stack.vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=1.0 / max(float(z.std()), 1e-6))
-
-
-@torch.no_grad()
-def _set_scaling_factor(stack: SDStack, shots: torch.Tensor, device: torch.device) -> float:
-    """LDM's rule: scale latents to unit variance (1 / std of the shots' latent means)."""
-    z = stack.vae.encode(shots.to(device) * 2 - 1).latent_dist.mean
-    std = float(z.float().std())
-    factor = 1.0 / max(std, 1e-6)
-    stack.vae.register_to_config(scaling_factor=factor)
-    return factor
+    if shift:
+        stack.vae.register_to_config(shift_factor=float(z.mean()))
+    stack.vae.register_to_config(scaling_factor=1.0 / max(float(z.std()), 1e-6))
 
 
 def _train_unet(
@@ -342,7 +335,7 @@ def finetune(
                 raise ValueError(
                     f"vae_mode={cfg.vae_mode!r}: the VAE is a parameter-free PatchAutoencoder; use vae_mode=none"
                 )
-            _set_patch_normalisation(stack, shots, device)
+            _normalise_latents(stack, shots, device, shift=True)
         elif cfg.vae_mode != "none" and cfg.vae_steps > 0:
             if vae_done is not None and (vae_done / "config.json").is_file():
                 stack.vae = type(stack.vae).from_pretrained(vae_done).to(device).eval().requires_grad_(False)
@@ -352,7 +345,7 @@ def finetune(
                 ckpt = _Checkpoint(resume_dir, "vae", checkpoint_every)
                 losses = _train_vae(stack, shots, fg, cfg, lpips_model, device, gen, ckpt, progress)
                 if cfg.vae_mode == "full":
-                    _set_scaling_factor(stack, shots, device)
+                    _normalise_latents(stack, shots, device, shift=False)
                 if vae_done is not None:
                     stack.vae.save_pretrained(vae_done)
                     torch.save(gen.get_state(), vae_done / "gen.pt")

@@ -198,12 +198,12 @@ def check_stack(stack: SDStack) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_vae(where: str, **kwargs: Any) -> AutoencoderKL | PatchAutoencoder:
+def _load_vae(where: str, subfolder: str = "vae", **kwargs: Any) -> AutoencoderKL | PatchAutoencoder:
     """``vae/`` as the class its config names (``PatchAutoencoder`` has no weights file)."""
-    cfg = AutoencoderKL.load_config(where, subfolder="vae")
+    cfg = AutoencoderKL.load_config(where, subfolder=subfolder)
     if cfg.get("_class_name") == PatchAutoencoder.__name__:
         return PatchAutoencoder.from_config(cfg)
-    return AutoencoderKL.from_pretrained(where, subfolder="vae", **kwargs)
+    return AutoencoderKL.from_pretrained(where, subfolder=subfolder, **kwargs)
 
 
 def _load_part(part: str, ref: str, local: Path | None, offline_hint: str):
@@ -211,7 +211,7 @@ def _load_part(part: str, ref: str, local: Path | None, offline_hint: str):
 
     loaders = {
         "unet": UNet2DConditionModel.from_pretrained,
-        "vae": lambda where, subfolder, **kw: _load_vae(where, **kw),
+        "vae": _load_vae,
         "text_encoder": CLIPTextModel.from_pretrained,
         "tokenizer": CLIPTokenizer.from_pretrained,
     }
