@@ -62,7 +62,7 @@ FUSIONS = ("harmonic", "mean")
 IMAGE_SCORES = ("max", "topk_mean")
 REFERENCES = ("input", "reconstruction")
 PRECISIONS = ("fp32", "bf16")
-FINETUNE_VERSION = 1
+FINETUNE_VERSION = 2  # 2: the UNet's target latents are shifted like the scored ones (SDStack.encode)
 MAPS_VERSION = 1
 HARMONIC_EPS = 1e-6  # keeps the harmonic mean finite where a scale's map is exactly 0
 PG_KEY = 0  # generator key of the prototype-guided mask (grid scales are >= 2)

@@ -268,15 +268,14 @@ def _train_unet(
         )[:, None]
         which = [prompt_ids[int(i)][int(torch.randint(len(prompt_ids[int(i)]), (), generator=gen))] for i in idx]
         text = prompt_emb[which].to(device)
-        eps_post = torch.randn((bs, stack.latent_channels, *known.shape[-2:]), generator=gen)
-        noise = torch.randn(eps_post.shape, generator=gen)
-        t = torch.randint(0, n_train, (bs,), generator=gen)
-        x, known, eps_post, noise, t = (v.to(device) for v in (x, known, eps_post, noise, t))
-        x = x * 2 - 1
+        x, known = x.to(device) * 2 - 1, known.to(device)
         with torch.no_grad(), _autocast(device, cfg.precision):
-            post = stack.vae.encode(x).latent_dist
-            z0 = ((post.mean + post.std * eps_post) * stack.scaling_factor).float()
+            # The target goes through the same encode (shift and scale) as every latent at inference; the posterior
+            # sample draws its noise from ``gen`` first, then the diffusion noise and t, as before the fix.
+            z0 = stack.encode(x, gen, sample=True).float()
             masked = stack.encode(x * upsample_mask(known, f)).float()
+        noise = torch.randn(z0.shape, generator=gen, device="cpu").to(device)
+        t = torch.randint(0, n_train, (bs,), generator=gen).to(device)
         z_t = sched.add_noise(z0, noise, t)
         with _autocast(device, cfg.precision):
             pred = unet(unet_input(z_t, known, masked), t, encoder_hidden_states=text).sample
