@@ -53,10 +53,20 @@ class DiffusionModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def has_null_class(self) -> bool:
+        """Whether the last class embedding is the null class (the suite's class-conditional models). Converted
+        ADM models have none (``_has_null_class: false`` in their config): every embedding is a real class."""
+        return self.unet.config.get("num_class_embeds") is not None and bool(
+            self.unet.config.get("_has_null_class", True)
+        )
+
+    @property
     def num_classes(self) -> int | None:
-        """Number of real classes of a class-conditional model (its null class has this index), else None."""
+        """Number of real classes of a class-conditional model (a null class has this index), else None."""
         n = self.unet.config.get("num_class_embeds")
-        return None if n is None else int(n) - 1
+        if n is None:
+            return None
+        return int(n) - 1 if self.has_null_class else int(n)
 
     def ddim(self, **overrides: Any) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler_config, **overrides)
