@@ -270,6 +270,14 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
             f"model.pretrained={ref!r} expects {unet.config.in_channels}x{unet.config.sample_size}px images, but "
             f"the data gives {model_cfg['channels']}x{model_cfg['sample_size']}px: set data.image_size / data.channels"
         )
+    sde = unet.config.get("_score_sde")
+    if isinstance(sde, dict) and sde.get("sde") == "subvpsde":
+        log.warning(
+            "model.pretrained=%s is a score-SDE model trained on the subVP-SDE (scripts/convert_score_sde.py): its "
+            "time input is 999 t and its noisy inputs follow subVP marginals (std 1 - abar), not the discrete VP "
+            "schedule the DDPM/DDIM samplers use; their results with it are approximate (docs/deviations.md L1)",
+            ref,
+        )
     return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
 
 
