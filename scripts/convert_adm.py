@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-schedule", choices=NOISE_SCHEDULES, help="ADM's noise_schedule")
     p.add_argument("--diffusion-steps", type=int, default=1000, help="ADM's diffusion_steps (default 1000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             noise_schedule=args.noise_schedule,
             diffusion_steps=args.diffusion_steps,
             overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta-max", type=float, default=d.beta_max)
     p.add_argument("--num-scales", type=int, default=d.num_scales)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     arch = DDPMArch(
@@ -60,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         num_scales=args.num_scales,
     )
     try:
-        convert(args.checkpoint, args.out, arch, weights=args.weights, overwrite=args.overwrite)
+        convert(
+            args.checkpoint,
+            args.out,
+            arch,
+            weights=args.weights,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+        )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -194,7 +194,7 @@ def test_adm_bad_checkpoints_get_clear_errors(tmp_path):
 def test_adm_cli_reports_errors_and_keeps_existing_output(tmp_path, capsys):
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     assert load_script("convert_adm").main([str(tmp_path / "x.pt"), str(tmp_path / "o"), "--image-size", "16"]) == 2
-    assert "could not be read" in capsys.readouterr().err
+    assert "--allow-pickle" in capsys.readouterr().err
     out = tmp_path / "exists"
     out.mkdir()
     pytest.importorskip("guided_diffusion")
@@ -432,3 +432,17 @@ def test_score_sde_bad_checkpoints_name_the_problem(tmp_path):
         csde.extract_weights(
             {"model": {"module.sigmas": torch.zeros(2), "module.foo.weight": torch.zeros(1)}}, "ema", "x"
         )
+
+
+def test_score_sde_pickled_objects_need_allow_pickle(tmp_path):
+    """torch.load refuses pickled objects (a config namespace here) unless the user vouches for the file."""
+    import argparse
+
+    ckpt, _, _ = _sde_checkpoint(SDE_TINY)
+    torch.save({**ckpt, "config": argparse.Namespace(nf=32)}, tmp_path / "c.pth")
+    arch = csde.DDPMArch(**SDE_TINY)
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        csde.convert(tmp_path / "c.pth", tmp_path / "out", arch)
+    assert not (tmp_path / "out").exists()
+    csde.convert(tmp_path / "c.pth", tmp_path / "out", arch, allow_pickle=True)
+    assert (tmp_path / "out" / "unet" / "config.json").is_file()

@@ -404,6 +404,7 @@ def convert(
     noise_schedule: str | None = None,
     diffusion_steps: int = 1000,
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
     """Convert the ADM checkpoint file into a diffusers folder ``out_dir``; unset flags come from the preset."""
     preset = preset_for(checkpoint)
@@ -425,7 +426,7 @@ def convert(
             f"{Path(checkpoint).name} is not one of the released files {sorted(PRESETS)}: give --image-size "
             "(and --num-head-channels/--num-heads, --attention-order, --noise-schedule as trained)"
         )
-    sd = load_checkpoint(checkpoint)
+    sd = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     arch = infer_arch(
         sd,
         image_size=settings["image_size"],

@@ -23,15 +23,17 @@ class CheckpointError(UserError, ValueError):
     """The checkpoint is not of the kind the converter reads, or lacks what its architecture needs."""
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` on CPU (tensors and plain containers only)."""
+def load_checkpoint(path: str | os.PathLike[str], allow_pickle: bool = False) -> Any:
+    """``torch.load`` on CPU: tensors and plain containers only, unless ``allow_pickle`` (runs the file's pickled
+    code: only for a checkpoint from a source you trust)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be read by torch.load ({err})") from err
+        hint = "" if allow_pickle else " If it is a trusted checkpoint that pickles other objects, pass --allow-pickle."
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read by torch.load ({err}).{hint}") from err
 
 
 def _names(keys: Iterable[str], limit: int = 12) -> str:

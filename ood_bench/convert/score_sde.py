@@ -292,10 +292,17 @@ def scheduler(arch: DDPMArch) -> DDPMScheduler:
     )
 
 
-def convert(checkpoint: str | Path, out_dir: str | Path, arch: DDPMArch, weights: str = "ema", overwrite: bool = False):
+def convert(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    arch: DDPMArch,
+    weights: str = "ema",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
     """Convert the score_sde checkpoint file into a diffusers folder ``out_dir``."""
     arch.check()
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     sd, meta = extract_weights(ckpt, weights, str(checkpoint))
     unet = convert_state_dict(sd, arch)
     info = {
