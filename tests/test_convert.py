@@ -106,6 +106,51 @@ def test_adm_conversion_equals_guided_diffusion(case, tmp_path):
             assert (model_eps(model, x, 417) - ref(x, torch.full((3,), 417))[:, :3]).abs().max() <= TOL
 
 
+RELEASED_LAYOUTS = {  # the README flags of each release, at model_channels 64 (256 / 192 released)
+    "256x256_diffusion_uncond.pt": ({"channel_mult": (1, 1, 2, 2, 4, 4), "attention_resolutions": (8, 16, 32)}, 64),
+    "256x256_diffusion.pt": (
+        {"channel_mult": (1, 1, 2, 2, 4, 4), "attention_resolutions": (8, 16, 32), "num_classes": 1000},
+        64,
+    ),
+    "64x64_diffusion.pt": (
+        {
+            "image_size": 64,
+            "channel_mult": (1, 2, 3, 4),
+            "num_res_blocks": 3,
+            "attention_resolutions": (2, 4, 8),
+            "num_classes": 1000,
+            "use_new_attention_order": True,
+        },
+        32,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RELEASED_LAYOUTS))
+def test_adm_released_layouts_convert_through_their_presets(name, tmp_path):
+    """The released files' layouts (6 levels, 64 channels per head, 1000 classes, ...) at a quarter of the width,
+    converted through the preset of the file name (docs/checkpoints.md quotes these differences)."""
+    pytest.importorskip("guided_diffusion")
+    kw, px = RELEASED_LAYOUTS[name]
+    args = {"image_size": 256, "model_channels": 64, "num_res_blocks": 2, "num_head_channels": 64, **kw}
+    ref = _adm(**args)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.02)
+    torch.save(ref.state_dict(), tmp_path / name)
+    cadm.convert(tmp_path / name, tmp_path / "out")
+    model = load_pretrained(_model_cfg(tmp_path / "out", args["image_size"]), torch.device("cpu"))
+    x, t = torch.randn(2, 3, px, px), torch.tensor([10, 900])
+    y = torch.tensor([3, 999]) if kw.get("num_classes") else None
+    with torch.no_grad():
+        want, got = ref(x, t, y), model.unet(x, t, class_labels=y).sample
+    assert (got - want).abs().max().item() <= TOL
+    assert model.unet.config.attention_head_dim == 64 and len(model.unet.config.block_out_channels) == len(
+        kw["channel_mult"]
+    )
+
+
 def test_adm_wrong_attention_order_is_detected_by_the_comparison():
     """The parity test can fail: the other qkv layout changes the outputs far beyond the tolerance."""
     pytest.importorskip("guided_diffusion")
