@@ -421,12 +421,12 @@ def convert(
     settings = {**preset, **{k: v for k, v in flags.items() if v is not None}}
     if num_heads is not None and num_head_channels is None:
         settings["num_head_channels"] = None
+    sd = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     if "image_size" not in settings:
         raise CheckpointError(
             f"{Path(checkpoint).name} is not one of the released files {sorted(PRESETS)}: give --image-size "
             "(and --num-head-channels/--num-heads, --attention-order, --noise-schedule as trained)"
         )
-    sd = load_checkpoint(checkpoint, allow_pickle=allow_pickle)
     arch = infer_arch(
         sd,
         image_size=settings["image_size"],
