@@ -202,11 +202,13 @@ class DiffGuard(ClassifierMethod):
         model = get_diffusion_model(
             model_cfg, id_train, ctx.cache, ctx.device, progress=ctx.progress, labels=class_labels
         )
-        if self.guidance == "cfg" and model.num_classes != self.classifier.num_classes:
+        if self.guidance == "cfg" and (model.num_classes != self.classifier.num_classes or not model.has_null_class):
+            have = "no class embeddings"
+            if model.num_classes is not None:
+                have = f"{model.num_classes} classes {'plus a' if model.has_null_class else 'and no'} null class"
             raise ValueError(
                 f"guidance=cfg needs a class-conditional model with the classifier's {self.classifier.num_classes} "
-                f"classes plus a null class; model.pretrained={model_cfg.get('pretrained')!r} has "
-                f"{'no class embeddings' if model.num_classes is None else model.num_classes + 1} "
+                f"classes plus a null class; model.pretrained={model_cfg.get('pretrained')!r} has {have} "
                 "(use guidance=cg for an unconditional model)"
             )
         return model

@@ -53,10 +53,20 @@ class DiffusionModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     @property
+    def has_null_class(self) -> bool:
+        """Whether the last class embedding is the null class (the suite's class-conditional models). Converted
+        ADM models have none (``_has_null_class: false`` in their config): every embedding is a real class."""
+        return self.unet.config.get("num_class_embeds") is not None and bool(
+            self.unet.config.get("_has_null_class", True)
+        )
+
+    @property
     def num_classes(self) -> int | None:
-        """Number of real classes of a class-conditional model (its null class has this index), else None."""
+        """Number of real classes of a class-conditional model (a null class has this index), else None."""
         n = self.unet.config.get("num_class_embeds")
-        return None if n is None else int(n) - 1
+        if n is None:
+            return None
+        return int(n) - 1 if self.has_null_class else int(n)
 
     def ddim(self, **overrides: Any) -> DDIMScheduler:
         return DDIMScheduler.from_config(self.scheduler_config, **overrides)
@@ -259,6 +269,14 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
         raise ValueError(
             f"model.pretrained={ref!r} expects {unet.config.in_channels}x{unet.config.sample_size}px images, but "
             f"the data gives {model_cfg['channels']}x{model_cfg['sample_size']}px: set data.image_size / data.channels"
+        )
+    sde = unet.config.get("_score_sde")
+    if isinstance(sde, dict) and sde.get("sde") == "subvpsde":
+        log.warning(
+            "model.pretrained=%s is a score-SDE model trained on the subVP-SDE (scripts/convert_score_sde.py): its "
+            "time input is 999 t and its noisy inputs follow subVP marginals (std 1 - abar), not the discrete VP "
+            "schedule the DDPM/DDIM samplers use; their results with it are approximate (docs/deviations.md L1)",
+            ref,
         )
     return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
 

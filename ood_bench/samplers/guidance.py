@@ -38,10 +38,20 @@ def model_eps(model: DiffusionModel, x: torch.Tensor, t: int, class_labels: torc
     return (x - math.sqrt(a) * out) / math.sqrt(1 - a)  # "sample": the model predicts x0
 
 
+def _need_null_class(model: DiffusionModel) -> None:
+    if not model.has_null_class:
+        raise ValueError(
+            f"{model.source} is class-conditional without a null class (a converted ADM checkpoint): it has no "
+            "unconditional prediction, so neither unguided steps nor classifier-free guidance can use it; use an "
+            "unconditional checkpoint (e.g. 256x256_diffusion_uncond.pt) with method.guidance=cg"
+        )
+
+
 def unconditional_eps(model: DiffusionModel, x: torch.Tensor, t: int) -> torch.Tensor:
     """Unconditional prediction: the plain model, or a class-conditional model's null class."""
     if model.num_classes is None:
         return model_eps(model, x, t)
+    _need_null_class(model)
     null = torch.full((len(x),), model.num_classes, device=x.device, dtype=torch.long)
     return model_eps(model, x, t, null)
 
@@ -57,6 +67,7 @@ def cfg_eps(
     """Classifier-free guided noise prediction for class indices ``labels`` (one batched model call)."""
     if model.num_classes is None:
         raise ValueError("classifier-free guidance needs a class-conditional diffusion model")
+    _need_null_class(model)
     null = torch.full_like(labels, model.num_classes)
     eps_null, eps_y = model_eps(model, torch.cat([x, x]), t, torch.cat([null, labels])).chunk(2)
     eps = eps_null + scale * (eps_y - eps_null)

@@ -23,6 +23,7 @@ from ood_bench.models.diffusion import DiffusionModel
 from ood_bench.utils import autocast, randn_per_sample
 
 SAMPLERS = ("ddim", "ddpm")
+_LEARNED = ("learned", "learned_range")  # DDPMScheduler variance types that read the model's extra channels
 
 
 def make_scheduler(model: DiffusionModel, sampler: str, steps: int, clip: bool = True) -> DDIMScheduler | DDPMScheduler:
@@ -69,6 +70,8 @@ def inpaint(
         x = mask * known_t + (1 - mask) * x
         with autocast(device, precision):
             out = model.unet(x, t_batch).sample.float()
+        if out.shape[1] == 2 * shape[1] and not (sampler == "ddpm" and sched.config.variance_type in _LEARNED):
+            out = out[:, : shape[1]]  # learned-sigma model (ADM): epsilon first; only DDPM's scheduler uses sigma
         if sampler == "ddim":
             noise = randn_per_sample(shape, generators, device, dtype) if eta > 0 else None
             x = sched.step(out, t, x, eta=eta, variance_noise=noise).prev_sample
