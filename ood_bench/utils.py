@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,11 @@ def sample_seed(base_seed: int, *keys: int) -> int:
     """Deterministic 63-bit seed for one sample (and repeat), independent of batching."""
     blob = ",".join(str(int(k)) for k in (base_seed, *keys)).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def split_key(split: str | None) -> int:
+    """A stable integer for a split name (``None`` -> 0), to key per-sample randomness by split as well as index."""
+    return zlib.crc32((split or "").encode()) if split else 0
 
 
 def sample_generators(

@@ -328,6 +328,7 @@ def _record(config_hash, **extra):
         "aupr_in": 0.8,
         "aupr_out": 0.7,
         "fpr95_oodpos": 0.25,
+        "fpr95_pct": 0.5,
         "seconds": 1.5,
         "fit_seconds": 1.0,
         "score_seconds": 0.5,

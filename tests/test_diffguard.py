@@ -174,6 +174,35 @@ def test_classifier_guidance_moves_synthesis_toward_the_requested_class(tiny_dif
     assert swapped.mean() > (1 - unguided).mean() + 0.2  # the other label pulls the other way
 
 
+def test_paper_clean_gradient_differentiates_through_eps(tiny_diffusion, digit_classifier) -> None:
+    """clean_grad=paper is the derivative of log p(y | mix(x_t)) with respect to x_t, eps_theta included (a central
+    finite difference along random directions agrees); the official gradient (the mix as a leaf) does not."""
+    t, labels = 600, torch.tensor([0, 1, 0, 1])
+    abar = float(SCHED.alphas_cumprod[t])
+    fac = abar and (1 - abar) ** 0.5
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    rows, eps = torch.arange(4), _eps(tiny_diffusion)
+
+    def objective(z: torch.Tensor) -> torch.Tensor:  # float64 sum over the batch of log p(y | mix(z))
+        x0 = (z - fac * eps(z, t, rows)) / abar**0.5
+        logits = digit_classifier((((x0 * fac + z * (1 - fac)) + 1) / 2).float())
+        return torch.log_softmax(logits.double(), 1)[rows, labels].sum()
+
+    x0_raw = (x - fac * eps(x, t, rows)) / abar**0.5
+    grads = {}
+    for mode in (True, "paper"):
+        guide = ClassifierGuidance(digit_classifier, labels, 1.0, [], n_cutouts=0, clean_grad=mode, eps_fn=eps)
+        grads[mode] = guide(x, x0_raw, abar, t, rows)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    h = 1e-3
+    with torch.no_grad():
+        fd = float(objective(x + h * v) - objective(x - h * v)) / (2 * h)
+    assert float((grads["paper"] * v).sum()) == pytest.approx(fd, rel=0.05)
+    assert abs(float((grads[True] * v).sum()) - fd) > 0.2 * abs(fd)  # the official gradient holds eps constant
+    with pytest.raises(ValueError, match="eps_fn"):
+        ClassifierGuidance(digit_classifier, labels, 1.0, [], clean_grad="paper")
+
+
 @pytest.mark.slow
 def test_guidance_on_a_trained_digit_model(tmp_path, digit_classifier) -> None:
     """A class-conditional UNet trained on 8-px digits 0/1 (300 steps, ~40 s): CFG and classifier guidance (with
@@ -306,6 +335,19 @@ def test_cg_method_stops_early_per_sample_and_is_batch_size_invariant(tmp_path) 
     np.testing.assert_array_equal(a.extras["depth"], b.extras["depth"])
 
 
+def test_distance_size_resizes_before_the_distance_and_paper_grad_counts_its_unet_pass(tmp_path) -> None:
+    kwargs = dict(guidance="cg", ddim_convention="adm", clip_denoised=True, cutouts=2, distance="l1")
+    dg, ctx, x, _ = _fitted(tmp_path, **kwargs)
+    base = dg.score(x[:6], ctx, indices=np.arange(6))
+    dg.distance_size = 4  # l1 of 4-px versions of the same synthesis and input: other, smaller-detail values
+    small = dg.score(x[:6], ctx, indices=np.arange(6))
+    assert not np.allclose(small.values, base.values) and small.nfe_per_image == base.nfe_per_image
+    paper, ctx_p, _, _ = _fitted(tmp_path / "p", clean_grad="paper", **kwargs)
+    p = paper.score(x[:6], ctx_p, indices=np.arange(6))
+    assert p.nfe_per_image == pytest.approx(base.nfe_per_image + np.mean(base.extras["synthesis_steps"]))
+    assert not np.allclose(p.values, base.values)
+
+
 def test_bf16_runs_inversion_and_synthesis_under_autocast_and_stays_batch_size_invariant(tmp_path) -> None:
     ood, _ = digits((7,))
     imgs, idx = ood[:8], np.arange(8)
@@ -372,6 +414,8 @@ def test_combination_trusts_the_baseline_on_confident_inputs(tmp_path) -> None:
         ({"cam_cut": 0.3, "guidance": "cg"}, r"cam_cut applies to guidance=cfg"),
         ({"ddim_convention": "ddpm"}, r"method.ddim_convention='ddpm'.*adm.*ldm"),
         ({"precision": "fp8"}, r"method.precision='fp8'.*fp32.*bf16.*fp16"),
+        ({"clean_grad": "yes"}, r"method.clean_grad='yes'.*true.*false.*paper"),
+        ({"distance_size": 0}, r"distance_size"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs: dict, pattern: str) -> None:

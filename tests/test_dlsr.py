@@ -512,6 +512,22 @@ def test_lr_checkpoints_draw_independent_noise(fm_pair, cache_dir, mfsim_run) ->
     np.testing.assert_array_equal(lr["independent"].extras["mse"], lr["shared"].extras["mse"])
 
 
+def test_noise_is_keyed_by_split(fm_pair, cache_dir, mfsim_run) -> None:
+    """noise_key=split: the same image scored as ID and as OOD draws other noise (the official code draws fresh noise
+    for every sample; keyed by index alone, ID sample i and OOD sample i shared it). index = the old behaviour."""
+    images, idx = fm_pair.id_test.images[:20], fm_pair.id_test.indices[:20]
+    out = {}
+    for key in ("split", "index"):
+        method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", noise_key=key, **SMALL)
+        ctx = _ctx(cache_dir)
+        method.fit(fm_pair.id_train.images, ctx)
+        out[key] = [method.score(images, ctx, indices=idx, split=s).values for s in ("id", "ood")]
+    assert np.abs(out["split"][0] - out["split"][1]).max() > 1e-4
+    np.testing.assert_array_equal(out["index"][0], out["index"][1])
+    with pytest.raises(ValueError, match="noise_key"):
+        DLSR(weights_dir=str(WEIGHTS), noise_key="batch", **SMALL)
+
+
 def test_precision_bf16_on_cpu_and_fp16_needs_cuda(fm_pair, cache_dir, mfsim_run) -> None:
     images, idx = fm_pair.ood_test.images[:20], fm_pair.ood_test.indices[:20]
     method = DLSR(weights_dir=str(WEIGHTS), score="mfsim", precision="bf16", **SMALL)

@@ -10,7 +10,7 @@ import torch
 
 from ood_bench.metrics import CONVENTION, ood_metrics
 
-KEYS = {"auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out"}
+KEYS = {"auroc", "fpr95", "fpr95_oodpos", "fpr95_pct", "aupr_in", "aupr_out"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,3 +227,17 @@ def test_non_finite_scores_raise_naming_the_side(bad):
 def test_convention_is_documented():
     assert "higher score = more OOD" in CONVENTION
     assert "fpr95" in CONVENTION and "fpr95_oodpos" in CONVENTION
+
+
+def test_fpr95_pct_is_the_official_dlsr_rule_and_can_differ_from_fpr95():
+    """fpr95_pct = mean(OOD < np.percentile(ID, 95)) (xbyym/DLSR test scripts): the interpolated threshold lies between
+    two ID scores, so an OOD score in that gap counts for fpr95 (<= the 95 % ID score) but not for fpr95_pct."""
+    s_id = np.arange(1.0, 21.0)  # 20 ID scores: fpr95 threshold = 19, np.percentile(., 95) = 19.05
+    s_ood = np.array([19.0, 19.02, 19.1, 25.0])
+    m = ood_metrics(s_id, s_ood)
+    assert m["fpr95"] == pytest.approx(fpr95_by_definition(s_id, s_ood)) == pytest.approx(1 / 4)
+    assert m["fpr95_pct"] == pytest.approx(2 / 4)  # 19.0 and 19.02 lie below 19.05
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=200), rng.normal(0.5, size=200)
+    assert ood_metrics(a, b)["fpr95_pct"] == pytest.approx(np.sum(b < np.percentile(a, 95)) / 200, abs=1e-12)
+    assert "fpr95_pct" in CONVENTION

@@ -37,6 +37,7 @@ from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ood_bench.costs import phase
+from ood_bench.data.transforms import resize
 from ood_bench.distances import IMAGE_DISTANCES, Distance, build_distance
 from ood_bench.distances.lpips import NETS as LPIPS_NETS
 from ood_bench.methods.base import Context, Scores, check_choice, check_int, register
@@ -79,10 +80,11 @@ class DiffGuard(ClassifierMethod):
         cutouts: int = 8,
         cutout_min_frac: float = 0.875,
         cutout_rng: str = "shared",
-        clean_grad: bool = True,
+        clean_grad: bool | str = True,
         label_dropout: float = 0.1,
         cam_cut: float | None = None,
         distance: str = "logit_l1",
+        distance_size: int | None = None,
         lpips_net: str = "alex",
         uncond_aux: bool = False,
         label_mode: str = "predicted",
@@ -105,6 +107,13 @@ class DiffGuard(ClassifierMethod):
         check_int("inversion_steps", inversion_steps)
         check_int("cutouts", cutouts, low=0)
         check_int("synthesis_offset", synthesis_offset, low=0)
+        if clean_grad not in (True, False, "paper"):
+            raise ValueError(
+                f"method.clean_grad={clean_grad!r} is not valid; valid: true (official: the clean-estimate mix as a "
+                f"leaf), false (the gradient at x_t), paper (through eps_theta, one more UNet pass per guided step)"
+            )
+        if distance_size is not None:
+            check_int("distance_size", distance_size)
         if inversion_steps > steps:
             raise ValueError(f"method.inversion_steps={inversion_steps} is not valid; valid: 1..steps={steps}")
         if not scale >= 0:
@@ -132,6 +141,7 @@ class DiffGuard(ClassifierMethod):
         self.cutout_rng, self.clean_grad = cutout_rng, clean_grad
         self.label_dropout, self.cam_cut = float(label_dropout), cam_cut
         self.distance_name, self.lpips_net, self.uncond_aux = distance, lpips_net, uncond_aux
+        self.distance_size = distance_size
         self.label_mode, self.combine, self.combine_quantile = label_mode, combine, float(combine_quantile)
         self.weights_dir, self.precision = weights_dir, precision
         self.model: DiffusionModel | None = None
@@ -320,6 +330,9 @@ class DiffGuard(ClassifierMethod):
         with phase("sampling"), autocast(x.device, self.precision):
             recon, compare, nfe, passes, syn_steps = self._resynthesize(x, x01, latents, depth, idx, y, seed)
         compare01, recon01 = ((compare.float() + 1) / 2).clamp(0, 1), ((recon.float() + 1) / 2).clamp(0, 1)
+        if self.distance_size is not None and compare01.shape[-1] != self.distance_size:
+            # the official GDM path resizes the synthesis back to the classifier's 224 px before DISTS / logits
+            compare01, recon01 = (resize(v, self.distance_size) for v in (compare01, recon01))
         if self.distance_name == "logit_l1":
             dist = (clf(compare01) - clf(recon01)).abs().sum(1)
             passes += 2
@@ -354,10 +367,11 @@ class DiffGuard(ClassifierMethod):
                 n_cutouts=self.cutouts,
                 cutout_min_frac=self.cutout_min_frac,
                 clean_grad=self.clean_grad,
+                eps_fn=uncond if self.clean_grad == "paper" else None,
             )
             recon = synthesize(grid, latents, start, uncond, clip=self.clip_denoised, guide_fn=guide)
             passes += syn_steps * max(1, self.cutouts)
-            nfe = depth + syn_steps
+            nfe = depth + syn_steps * (2 if self.clean_grad == "paper" else 1)
         else:
             mask = cam_masks(clf, x01, y, self.cam_cut) if self.cam_cut is not None else None
             if mask is not None:
@@ -404,6 +418,8 @@ class DiffGuard(ClassifierMethod):
             "distance": self.distance.describe() if self.distance else self.distance_name,
             "uncond_aux": self.uncond_aux,
         }
+        if self.distance_size is not None:  # batches without a resize keep their keys
+            ident["distance_size"] = self.distance_size
         if self.precision != "fp32":  # fp32 batches keep the keys they had before precisions existed
             ident["precision"] = self.precision
         if self.guidance == "cg":

@@ -50,6 +50,7 @@ from ood_bench.utils import (
     count_calls,
     randn_per_sample,
     sample_generators,
+    split_key,
     tensor_fingerprint,
 )
 
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 SCORES = ("mfsim", "mse", "lr")
 MSE_REDUCTIONS = ("sum", "mean")
 LR_NOISES = ("independent", "shared")
+NOISE_KEYS = ("split", "index")
 FEATURES_VERSION = 1  # bump when the extraction code changes its numbers
 LFDN_VERSION = 1
 
@@ -111,6 +113,7 @@ class DLSR(Method):
         recon: str = "official",
         score: str = "mfsim",
         lr_noise: str = "independent",
+        noise_key: str = "split",
         precision: str = "fp32",
         mfsim_skip_first: bool = True,
         mse_reduction: str = "sum",
@@ -122,6 +125,7 @@ class DLSR(Method):
         check_choice("mse_reduction", mse_reduction, MSE_REDUCTIONS)
         check_choice("recon", recon, RECONS)
         check_choice("lr_noise", lr_noise, LR_NOISES)
+        check_choice("noise_key", noise_key, NOISE_KEYS)
         check_choice("precision", precision, PRECISIONS)
         for key, val in (
             ("input_size", input_size),
@@ -163,6 +167,7 @@ class DLSR(Method):
         }
         self.t, self.eta, self.score_name = t, float(eta), score
         self.recon, self.lr_noise, self.precision = recon, lr_noise, precision
+        self.noise_key = noise_key
         self.mfsim_skip_first, self.mse_reduction, self.batch_size = bool(mfsim_skip_first), mse_reduction, batch_size
         wdir = weights_dir or os.environ.get("OOD_BENCH_WEIGHTS")
         # Built here so that a bad layer name or missing weights fail before any data is read.
@@ -297,13 +302,14 @@ class DLSR(Method):
             for i in tqdm(range(0, len(feats), self.batch_size), desc="DLSR", disable=not ctx.progress, leave=False):
                 x0 = feats[i : i + self.batch_size].to(ctx.device)
                 idx_b, before = idx[i : i + self.batch_size], calls[0]
-                noise = self._noise(idx_b, rows, x0, ctx)
+                noise = self._noise(idx_b, rows, x0, ctx, split)
                 rec = self._reconstruct(self.model, sched, x0, noise)
                 cols["mfsim"].append(mfsim(rec, x0, self.encoder.block_sizes, self.mfsim_skip_first).float().cpu())
                 cols["mse"].append(mse(rec, x0, self.mse_reduction).float().cpu())
                 if self.score_name == "lr":
                     # official: each checkpoint draws its own noise; shared: the difference is the models' only
-                    early_noise = noise if self.lr_noise == "shared" else self._noise(idx_b, rows, x0, ctx, key=1)
+                    shared = self.lr_noise == "shared"
+                    early_noise = noise if shared else self._noise(idx_b, rows, x0, ctx, split, key=1)
                     rec_early = self._reconstruct(self.early, sched, x0, early_noise)
                     cols["mse_early"].append(mse(rec_early, x0, self.mse_reduction).float().cpu())
                     cols["lr"].append(cols["mse_early"][-1] - cols["mse"][-1])
@@ -315,10 +321,16 @@ class DLSR(Method):
         return Scores(values=values, extras=extras, nfe_per_image=nfe_sum / max(1, len(feats)))
 
     def _noise(
-        self, idx: np.ndarray, rows: int, x0: torch.Tensor, ctx: Context, key: int | None = None
+        self, idx: np.ndarray, rows: int, x0: torch.Tensor, ctx: Context, split: str | None, key: int | None = None
     ) -> torch.Tensor:
-        """``[N, rows, D]`` standard normal noise, one generator per sample (``key`` picks another stream)."""
-        gens = sample_generators(ctx.seed, idx) if key is None else sample_generators(ctx.seed, idx, key)
+        """``[N, rows, D]`` standard normal noise, one generator per sample (``key`` picks another stream).
+
+        ``noise_key=split`` seeds by split name and sample index, so ID sample i and OOD sample i draw different noise
+        (the official code draws fresh noise for every sample); ``index`` seeds by the index alone (before 2026-12-03).
+        """
+        keys: tuple[int, ...] = (split_key(split),) if self.noise_key == "split" else ()
+        keys += () if key is None else (key,)
+        gens = sample_generators(ctx.seed, idx, *keys)
         return randn_per_sample((len(x0), rows, x0.shape[1]), gens, ctx.device, torch.float32)
 
     def _reconstruct(self, model: LFDN, sched: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -347,6 +359,7 @@ class DLSR(Method):
             "recon": self.recon,
             "score": self.score_name,
             "lr_noise": self.lr_noise,
+            "noise_key": self.noise_key,
             "precision": self.precision,
             "mfsim_skip_first": self.mfsim_skip_first,
             "mse_reduction": self.mse_reduction,

@@ -37,7 +37,7 @@ from ood_bench.results.store import read_csv_text
 log = logging.getLogger(__name__)
 
 PAPER_COLUMNS = ["paper", "table", "id_dataset", "ood_dataset", "method", "setting", "metric", "value", "source"]
-METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_oodpos")
+METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_oodpos", "fpr95_pct")
 NUMERIC = (*METRICS, "n_id", "n_ood", "seed", "seconds", "score_seconds", "nfe_per_image", "images_per_s")
 
 # Dataset names in the papers' tables -> the suite's dataset names (as in conf/data/<id>_<ood>.yaml).

@@ -40,6 +40,7 @@ RESULT_COLUMNS = [
     "aupr_in",
     "aupr_out",
     "fpr95_oodpos",
+    "fpr95_pct",
     "seconds",
     "fit_seconds",
     "score_seconds",

@@ -15,7 +15,7 @@ Classifier-free guidance: ``eps = eps_null + w (eps_y - eps_null)``; with a CAM 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -115,8 +115,12 @@ class ClassifierGuidance:
         generators: Sequence[torch.Generator],
         n_cutouts: int = 8,
         cutout_min_frac: float = 0.875,
-        clean_grad: bool = True,
+        clean_grad: bool | str = True,
+        eps_fn: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        if clean_grad == "paper" and eps_fn is None:
+            raise ValueError("clean_grad='paper' differentiates through the noise prediction: pass eps_fn")
+        self.eps_fn = eps_fn
         self.classifier, self.labels, self.scale = classifier, labels, float(scale)
         self.generators = list(generators)
         self.n_cutouts, self.cutout_min_frac, self.clean_grad = n_cutouts, cutout_min_frac, clean_grad
@@ -124,12 +128,17 @@ class ClassifierGuidance:
 
     def __call__(self, x: torch.Tensor, x0_raw: torch.Tensor, abar: float, t: int, rows: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            if self.clean_grad:
-                fac = math.sqrt(1 - abar)
+            fac = math.sqrt(1 - abar)
+            if self.clean_grad == "paper":  # the paper: d/dx_t of the mix, through eps_theta (one more UNet pass)
+                x_in = x.detach().requires_grad_(True)
+                x0 = (x_in - fac * self.eps_fn(x_in, t, rows).float()) / math.sqrt(abar)
+                img = (x0 * fac + x_in * (1 - fac) + 1) / 2
+            elif self.clean_grad:  # the official cond_fn: the mix is a new leaf, eps_theta is held constant
                 x_in = (x0_raw * fac + x * (1 - fac)).detach().requires_grad_(True)
+                img = (x_in + 1) / 2
             else:
                 x_in = x.detach().requires_grad_(True)
-            img = (x_in + 1) / 2
+                img = (x_in + 1) / 2
             if self.n_cutouts > 0:
                 size = self.classifier.input_size or img.shape[-1]
                 gens = [self.generators[int(r)] for r in rows]

@@ -44,7 +44,7 @@ class OodTask(Task):
     """ID/OOD pairs (``conf/data/<id>_<ood>.yaml``); the default when ``data.task`` is absent."""
 
     name = "ood"
-    metrics = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_oodpos")
+    metrics = ("auroc", "fpr95", "aupr_in", "aupr_out", "fpr95_oodpos", "fpr95_pct")
     table_columns = TABLE_COLUMNS
     convention = CONVENTION
 
