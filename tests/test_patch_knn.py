@@ -4,6 +4,8 @@ augmentation (bank sizes, exact views), AnomalyDINO's PCA foreground mask, a pla
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from ood_bench.methods import METHODS
 from ood_bench.methods.base import Context
 from ood_bench.methods.patch_knn import PatchKNN, augment_shots, pca_foreground, rotate, top_mean
+from ood_bench.models.encoders import FeatureEncoder
 from ood_bench.runner import config_identity
 from ood_bench.utils import stable_hash
 
@@ -34,9 +37,18 @@ def stripes(n: int, size: int = 64, period: int = 8, seed: int = 0) -> torch.Ten
     return torch.stack(out)
 
 
-def knn(**kw) -> PatchKNN:
+@functools.cache
+def alexnet(weights: str, size: int) -> FeatureEncoder:
+    """One encoder per (weights, size) for the whole module: building AlexNet (61 M parameters) dominates otherwise."""
+    return FeatureEncoder("alexnet", ["features.1", "features.4"], weights, WEIGHTS_DIR, input_size=size, stride=None)
+
+
+def knn(size: int = 32, **kw) -> PatchKNN:
+    """patch_knn on an untrained AlexNet's relu1 + relu2 (``encoder_weights="auto"``: the ImageNet one)."""
     kw = {"encoder": "alexnet", "encoder_weights": "none", "layers": ["features.1", "features.4"], **kw}
-    return PatchKNN(**kw)
+    m = PatchKNN(**kw)
+    m.encoder = alexnet(kw["encoder_weights"], size)
+    return m
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -122,7 +134,7 @@ def test_foreground_mask_zeroes_background_patches() -> None:
     shots = stripes(1, size=64)
     test = stripes(1, size=64, seed=5)
     test[:, :, :, :32] = 0.0  # a dark half: a different texture, the first component separates it
-    plain, masked = knn(), knn(foreground_mask="pca", mask_threshold=0.0)
+    plain, masked = knn(size=64), knn(size=64, foreground_mask="pca", mask_threshold=0.0)
     plain.fit(shots, CTX)
     masked.fit(shots, CTX)
     d0, d1 = plain.patch_distances(test)[0], masked.patch_distances(test)[0]
@@ -153,7 +165,7 @@ def test_planted_blob_is_found_and_the_cosine_recipe_separates_the_images() -> N
     recipes = {"l2-max": {}, "cosine": cosine}
     image_auroc = {}
     for name, options in recipes.items():
-        m = knn(encoder_weights="auto", weights_dir=str(WEIGHTS_DIR), **options)
+        m = knn(size=64, encoder_weights="auto", **options)
         m.fit(shots, CTX)
         s_clean, s_planted = m.score(clean, CTX), m.score(planted, CTX)
         assert (s_planted.values > s_clean.values).all(), name
