@@ -162,7 +162,8 @@ def test_planted_blob_is_found_and_the_cosine_recipe_separates_the_images() -> N
         "image_score_on": "patches",
         "shot_augment": "rotations",
     }
-    recipes = {"l2-max": {}, "cosine": cosine}
+    l2 = {"distance": "l2", "image_score": "max", "shot_augment": "none"}  # PatchCore's scoring, no augmentation
+    recipes = {"l2-max": l2, "cosine": cosine}
     image_auroc = {}
     for name, options in recipes.items():
         m = knn(size=64, encoder_weights="auto", **options)
