@@ -143,8 +143,8 @@ def _train_unet(
     precision = tcfg.get("precision", "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow without it
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
-    data = images.mul(2).sub(1)
-    n, bs, steps = data.shape[0], int(tcfg["batch_size"]), int(tcfg["steps"])
+    # each step reads only its batch (a lazy ImageSet decodes just those rows) and maps it to [-1, 1]
+    n, bs, steps = images.shape[0], int(tcfg["batch_size"]), int(tcfg["steps"])
     n_params = sum(p.numel() for p in unet.parameters())
     log.info(
         "training UNet (%.2f M params) on %d images: %d steps of batch %d on %s", n_params / 1e6, n, steps, bs, device
@@ -171,7 +171,7 @@ def _train_unet(
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train diffusion", disable=not progress)
     for step in bar:
         idx = torch.randint(0, n, (bs,), generator=gen)
-        x0 = data[idx]
+        x0 = images[idx].mul(2).sub(1)
         if tcfg.get("hflip"):
             flip = torch.rand(bs, generator=gen) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
