@@ -82,6 +82,8 @@ def mse(rec: torch.Tensor, orig: torch.Tensor, reduction: str = "sum") -> torch.
 class DLSR(Method):
     """Multi-layer ImageNet features, an MLP feature diffusion, reconstruction distance as the score."""
 
+    lazy_images = True
+
     uses_image_model = False
     runtime_keys = ("batch_size", "weights_dir")
 

@@ -42,6 +42,8 @@ INPAINT_VERSION = 1  # bump when the sampler changes its numbers
 class LMD(Method):
     """Checkerboard masking, replacement inpainting, perceptual distance, median over repeats."""
 
+    lazy_images = True
+
     uses_image_model = True
     runtime_keys = ("batch_size", "eval_batch", "weights_dir")
 

@@ -27,7 +27,7 @@ RUNTIME_DATA_KEYS = ("num_workers", "in_memory")
 def load_pair(data_cfg: DictConfig) -> Pair:
     """Instantiate the two dataset sources and build the pair (lazy splits; in memory with ``data.in_memory``)."""
     d = data_cfg
-    pair = build_pair(
+    return build_pair(
         d.name,
         instantiate(d.id),
         instantiate(d.ood),
@@ -42,7 +42,6 @@ def load_pair(data_cfg: DictConfig) -> Pair:
         seed=d.seed,
         num_workers=d.get("num_workers", 0),
     )
-    return pair.materialize() if d.get("in_memory", False) else pair
 
 
 class OodTask(Task):
@@ -80,6 +79,8 @@ class OodTask(Task):
         self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
     ) -> TaskResult:
         pair = load_pair(cfg.data)
+        if cfg.data.get("in_memory", False) or not method.lazy_images:
+            pair = pair.materialize()  # float tensors, decoded once (memory grows with the data)
         ctx = replace(ctx, data_meta=pair.meta)
         t0 = time.perf_counter()
         method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
