@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -200,3 +201,38 @@ def iter_batches(
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size]
         yield x if device is None else x.to(device)
+
+
+class Prefetcher:
+    """Reads ``images[idx]`` one batch ahead in a background thread, for training loops that draw random batches.
+
+    The loop announces the next batch's indices (``ahead(idx)``, e.g. drawn from a copy of its generator, so its own
+    random stream is unchanged) and later asks for them (``get(idx)``): the rows come from the thread when the
+    indices match, else they are read now. Decoding (PIL) and resizing (torch) release the GIL, so they overlap the
+    network step. A plain tensor is indexed directly (nothing to prefetch).
+    """
+
+    def __init__(self, images: torch.Tensor | ImageSet) -> None:
+        self.images = images
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if isinstance(images, ImageSet) else None
+        self.pending: tuple[torch.Tensor, Future] | None = None
+
+    def ahead(self, idx: torch.Tensor) -> None:
+        if self.pool is not None:
+            self.pending = (idx.clone(), self.pool.submit(self.images.__getitem__, idx))
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        pending, self.pending = self.pending, None
+        if pending is not None and torch.equal(pending[0], idx):
+            return pending[1].result()
+        return self.images[idx]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
