@@ -11,7 +11,15 @@ import torch
 from conftest import TINY_MODEL_OVERRIDES
 from PIL import Image
 
-from ood_bench.data import DigitsSource, ImageFolderSource, ImageSet, build_pair, iter_batches, transforms
+from ood_bench.data import (
+    DigitsSource,
+    ImageFolderSource,
+    ImageSet,
+    build_pair,
+    iter_batches,
+    select_rows,
+    transforms,
+)
 from ood_bench.utils import tensor_fingerprint
 
 
@@ -99,6 +107,9 @@ def test_subset_keeps_source_indices_and_rows() -> None:
     assert torch.equal(sub.images[:], full.images[pos])
     mem = full.materialize().subset(pos)
     assert torch.equal(mem.images, sub.images[:]) and np.array_equal(mem.indices, sub.indices)
+    block = select_rows(full.images, slice(3, 8))  # a shard's block stays lazy
+    assert isinstance(block, ImageSet) and np.array_equal(block.indices, full.indices[3:8])
+    assert torch.equal(block[:], full.images[3:8]) and torch.equal(select_rows(mem.images, [2, 0]), mem.images[[2, 0]])
 
 
 def test_runtime_data_keys_are_validated_and_left_out_of_the_hash() -> None:

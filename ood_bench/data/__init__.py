@@ -1,6 +1,6 @@
 """Data: sources (where images come from), the resize protocol and pair building."""
 
-from ood_bench.data.imageset import ImageSet, iter_batches
+from ood_bench.data.imageset import ImageSet, iter_batches, select_rows
 from ood_bench.data.pair import Pair, Split, build_pair
 from ood_bench.data.sources import (
     DatasetNotFoundError,
@@ -27,4 +27,5 @@ __all__ = [
     "TorchvisionSource",
     "build_pair",
     "iter_batches",
+    "select_rows",
 ]

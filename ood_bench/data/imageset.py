@@ -186,6 +186,16 @@ class ImageSet:
         return self[np.arange(len(self))]
 
 
+def select_rows(images: torch.Tensor | ImageSet, positions: Any) -> torch.Tensor | ImageSet:
+    """The rows of ``images`` at ``positions`` (a slice, or positions in order): still lazy for an ``ImageSet``
+    (``subset``), indexed for a tensor. For a part of a split (a shard) that must not be decoded at once."""
+    if isinstance(images, ImageSet):
+        return images.subset(positions)
+    if isinstance(positions, slice):
+        return images[positions]
+    return images[torch.as_tensor(np.asarray(positions, dtype=np.int64))]
+
+
 def iter_batches(
     images: torch.Tensor | ImageSet, batch_size: int, device: torch.device | None = None
 ) -> Iterator[torch.Tensor]:
