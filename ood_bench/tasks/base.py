@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from ood_bench.methods import Context, Method
 from ood_bench.results import format_table
+from ood_bench.tasks.shards import WHOLE, Scoring
 
 
 @dataclass
@@ -72,11 +73,19 @@ class Task(ABC):
 
     @abstractmethod
     def run(
-        self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
-    ) -> TaskResult:
+        self,
+        cfg: DictConfig,
+        method: Method,
+        build: Callable[[], Method],
+        ctx: Context,
+        identity: dict[str, Any],
+        scoring: Scoring = WHOLE,
+    ) -> TaskResult | None:
         """Load the data, fit and score (``method``, or fresh ones from ``build``), compute the metrics.
 
         ``identity`` is the run's config identity (what its hash covers), for the keys of cached artefacts.
+        Every fit and score goes through ``scoring`` (the whole cell, a shard, or the merge of the shards); a
+        shard run (``scoring.partial``) returns ``None``: its scores are in the cache, its merge has the metrics.
         """
 
     def format(self, rows: list[Mapping[str, Any]]) -> str:
