@@ -114,6 +114,7 @@ def test_lmd_merge_equals_whole_run_without_a_unet_call(hydra_conf, tmp_path, un
     assert [r["config_hash"] for r in read_csv(merged_res / "runs.csv")] == [merged["config_hash"]]
 
 
+@pytest.mark.slow  # ~20 s; CI's launcher step runs this file whole
 def test_diffguard_merge_of_three_uneven_shards_equals_whole_run(hydra_conf, tmp_path, unet_calls):
     merged, merge_calls, whole, merged_res, whole_res = _sharded_and_whole(
         hydra_conf, tmp_path, DIFFGUARD_TINY, 3, unet_calls
@@ -150,6 +151,7 @@ def test_merge_without_shards_fails_and_bad_shard_settings_name_the_key(hydra_co
             run(hydra_conf([*LMD_TINY, *overrides], tmp_path))
 
 
+@pytest.mark.slow  # ~20 s; CI's launcher step runs this file whole
 def test_anomaly_cell_merges_to_the_whole_runs_rows(hydra_conf, tmp_path):
     data = tmp_path / "data"
     write_mvtec(data / "mvtec_anomaly_detection", "bottle", n_train=4, n_good=4, defects={"broken": 3, "hole": 3})
