@@ -67,4 +67,3 @@ def test_sharded_sweep_and_merge_sweep_through_the_launcher(launcher, tmp_path):
     (reference,) = read_csv(whole / "results" / "runs.csv")
     (merged,) = [r for r in rows if r["seed"] == "0"]
     assert merged["config_hash"] == reference["config_hash"] and merged["auroc"] == reference["auroc"]
-

@@ -2,7 +2,8 @@
 
 The runner does the same for every task (validate, hash the settings, skip a complete run, write the results, log
 them) and hands the middle of the path to the data's task:
-``task.run(cfg, method, build, ctx, identity) -> TaskResult``.
+``task.run(cfg, method, build, ctx, identity, scoring) -> TaskResult``, where ``scoring`` (``tasks/shards.py``) is the
+kind of work: the whole cell, one shard of it, or the merge of its shards.
 """
 
 from __future__ import annotations

@@ -315,10 +315,10 @@ class ShardMerge(Scoring):
             if all(v == values[0] for v in values):
                 out[key] = values[0]
                 continue
-            producer = next(p for p in order if [d.get(key) for d, _ in self._describes[p]] == values)
+            producer = next((p for p in order if [d.get(key) for d, _ in self._describes[p]] == values), part)
             weights = [n for _, n in self._describes[producer]]
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            if numeric and sum(weights) > 0:
+            if numeric and len(weights) == len(values) and sum(weights) > 0:
                 out[key] = round(float(np.average(np.asarray(values, dtype=np.float64), weights=weights)), 6)
             else:
                 out[key] = ";".join(map(str, values))
