@@ -170,7 +170,9 @@ def _record_plan(cache: ArtifactCache, cell: str, count: int) -> None:
 
 def _scores_arrays(s: Scores) -> dict[str, np.ndarray]:
     arrays = {"values": s.values}
-    arrays.update({f"extra:{k}": np.asarray(v) for k, v in s.extras.items()})
+    for k, v in s.extras.items():
+        v = np.asarray(v)
+        arrays[f"extra:{k}"] = v.astype(str) if v.dtype == object else v  # npz without pickles
     if s.maps is not None:
         arrays["maps"] = s.maps
     return arrays
