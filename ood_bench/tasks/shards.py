@@ -220,7 +220,8 @@ class ShardPart(Scoring):
             return s, 0.0
         rows = slice(lo, hi)
         y = None if labels is None else labels[rows]
-        s, seconds = super().score(method, part, images[rows], ctx, np.asarray(indices)[rows], y, split)
+        block = images.subset(np.arange(lo, hi)) if hasattr(images, "subset") else images[rows]  # lazy sets stay lazy
+        s, seconds = super().score(method, part, block, ctx, np.asarray(indices)[rows], y, split)
         meta.update(seconds=seconds, nfe_per_image=s.nfe_per_image, describe=method.describe())
         self.store.put(part, self.index, meta, _scores_arrays(s))
         return s, seconds
