@@ -28,6 +28,7 @@ from ood_bench.models.classifier import validate_classifier_cfg
 from ood_bench.models.diffusion import validate_model_cfg
 from ood_bench.results import RunStore
 from ood_bench.tasks import Task, get_task
+from ood_bench.tasks.shards import check_shard_cfg, scoring_for
 from ood_bench.utils import git_commit, stable_hash
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger.name={cfg.logger.name!r} is not valid; valid: {list(LOGGERS)}")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in WANDB_MODES:
         raise ValueError(f"logger.mode={cfg.logger.mode!r} is not valid; valid: {list(WANDB_MODES)}")
+    check_shard_cfg(cfg.get("shard"))
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads={threads!r} is not valid; use a positive integer or null (torch's default)")
@@ -88,6 +90,8 @@ def setting_hash(identity: dict[str, Any]) -> str:
 
 def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float:
     """The value a Hydra sweeper optimises: ``optimized_metric``, or the task's headline metric when null."""
+    if record.get("shard_index") is not None:  # a shard run has no metrics: its merge run has them
+        return float("nan")
     key = cfg.get("optimized_metric") or get_task(cfg.data).metrics[0]
     if key not in record:
         numeric = [k for k, v in record.items() if isinstance(v, float)]
@@ -150,6 +154,12 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         log.info("results for config %s are complete in %s; skipping (overwrite=true re-runs)", config_hash, store.dir)
         log.info("\n%s", task.format(store.load_rows() or [record]))
         return record
+    cache = ArtifactCache(cfg.paths.cache_dir)
+    # the kind of work (ood_bench/tasks/shards.py): the whole cell, one shard of it, or the merge of its shards
+    scoring = scoring_for(cfg.get("shard"), cache, config_hash)
+    if scoring.partial and scoring.done:
+        log.info("shard %s of cell %s is complete in the cache; skipping", cfg.shard.index, config_hash)
+        return {"method": method.name, "data": cfg.data.name, "config_hash": config_hash, **scoring.finish()}
 
     t_start = time.perf_counter()
     memory = PeakMemory(device).start()
@@ -157,7 +167,7 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
     reset_phases()
     ctx = Context(
         device=device,
-        cache=ArtifactCache(cfg.paths.cache_dir),
+        cache=cache,
         seed=cfg.seed,
         weights_dir=Path(cfg.paths.weights_dir),
         model_cfg=model_cfg,
@@ -165,7 +175,10 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         progress=cfg.progress,
         classifier_cfg=classifier_cfg,
     )
-    result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity)
+    result = task.run(cfg, method, lambda: build_method(method_cfg), ctx, identity, scoring)
+    shards = scoring.finish()  # a merged cell's row says how many shards it was scored in
+    if result is None:  # a shard: its per-sample scores are in the cache; the merge run writes the results
+        return {"method": method.name, "data": cfg.data.name, "config_hash": config_hash, **shards}
     # CPU seconds of all threads: with threads=1 on a shared machine, about what the run takes alone
     cpu = {"cpu_seconds": round(time.process_time() - cpu_start, 3)}
     costs = {**cpu, **phase_seconds(), **memory.record(), **run_precision(method, model_cfg)}
@@ -182,6 +195,7 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         "seed": cfg.seed,
         "model": cfg.model.name if method.uses_image_model else "",
         "deviations": "; ".join(cfg.get("deviations") or []),
+        **shards,
         **{f"method.{k}": v for k, v in (result.describe or method.describe()).items()},
     }
     rows = [{**common, **row} for row in result.rows]

@@ -20,6 +20,7 @@ PLUGINS = {
     "local_parallel": ("hydra_plugins.hydra_joblib_launcher", "JoblibLauncher"),
     "slurm": ("hydra_plugins.hydra_submitit_launcher", "SlurmLauncher"),
     "ray_cluster": ("hydra_plugins.hydra_ray_launcher", "RayLauncher"),
+    "ray_local": ("hydra_plugins.hydra_ray_launcher", "RayLauncher"),
 }
 
 
@@ -44,8 +45,10 @@ def test_launcher_config_composes_against_its_plugin(choice):
     elif choice == "slurm":
         assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
         assert str(launcher.submitit_folder).startswith(str(cfg.hydra.sweep.dir))
-    else:
+    elif choice == "ray_cluster":
         assert launcher.ray.init.address == "auto" and launcher.ray.remote.num_gpus == 1
+    else:  # a Ray instance of this machine, bound to loopback
+        assert launcher.ray.init.address is None and launcher.ray.init._node_ip_address == "127.0.0.1"
 
 
 def test_local_cluster_template_composes(tmp_path):

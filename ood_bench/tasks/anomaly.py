@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from ood_bench.figures.anomaly import Panel, overlay_grid, pick_rows
 from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics.anomaly import ANOMALY_CONVENTION, ANOMALY_METRICS, AnomalyMetrics
 from ood_bench.tasks.base import Task, TaskResult, extra_columns
+from ood_bench.tasks.shards import WHOLE, Scoring
 from ood_bench.utils import tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,14 @@ class AnomalyTask(Task):
         return ident
 
     def run(
-        self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
-    ) -> TaskResult:
+        self,
+        cfg: DictConfig,
+        method: Method,
+        build: Callable[[], Method],
+        ctx: Context,
+        identity: dict[str, Any],
+        scoring: Scoring = WHOLE,
+    ) -> TaskResult | None:
         d = cfg.data
         geometry = dict(image_size=d.image_size, aspect=d.aspect, channels=d.channels)
         sources = [instantiate(src) for src in d.categories.values()]
@@ -129,7 +135,9 @@ class AnomalyTask(Task):
             bar.set_postfix_str(f"{'+'.join(c.name for c in group)} seed {seed}")
             shots = [load_shots(c, d.k_shot, seed, **geometry) for c in group]
             shot_files = {c.name: c.files(r) for c, (_, r) in zip(group, shots)}
-            fit, cached = self._fit(cfg, identity, group, seed, shots, shot_files, build, ctx)
+            fit, cached = self._fit(cfg, identity, group, seed, shots, shot_files, build, ctx, scoring)
+            if fit is None:  # a shard: its scores are in the cache
+                continue
             describe, nfe = fit["describe"], fit["nfe_per_image"]
             n_cached += cached
             fit_seconds += fit["fit_seconds"]
@@ -179,6 +187,8 @@ class AnomalyTask(Task):
                     name = f"figures/anomaly_{c.name}.png"
                     files[name] = self._figure(c, res, f"{method.name} on {c.name}, k={d.k_shot}, shot seed {seed}")
                     images[f"anomaly/{c.name}"] = name
+        if scoring.partial:
+            return None
         table = aggregate(rows, [c.name for c in cats], [int(s) for s in d.shot_seeds])
         head, std = table[-2], table[-1]  # the last mean and std rows: the category's, or 'all' over categories
         n_scored = sum(len(c.test_rows) for c in cats) * len(d.shot_seeds)
@@ -219,11 +229,14 @@ class AnomalyTask(Task):
         shot_files: dict[str, list[str]],
         build: Callable[[], Method],
         ctx: Context,
-    ) -> tuple[dict[str, Any], bool]:
+        scoring: Scoring = WHOLE,
+    ) -> tuple[dict[str, Any] | None, bool]:
         """One fit of a fresh method on the group's shots, its scores and metrics per category, through the cache.
 
         The entry holds the image scores, the metrics (computed from the full maps), the timings and, for the
         figure, the maps of the picked images only (full maps of a large test set would fill the cache).
+        A shard run (``scoring.partial``) fits and scores its block of every category, stores it in the shard
+        cache and returns ``(None, False)``; the merge run builds this entry from the shards.
         """
         d = cfg.data
         images = torch.cat([x for x, _ in shots])
@@ -257,19 +270,30 @@ class AnomalyTask(Task):
             "shot_files": shot_files,
         }
 
-        def compute(tmp: Path) -> None:
+        part = f"{seed}:{'+'.join(c.name for c in group)}"
+
+        def fit_and_score() -> tuple[Method, float, Iterator[tuple[Scores, float]]]:
             method = build()
             fctx = replace(ctx, data_meta=data_meta)
-            t0 = time.perf_counter()
-            method.fit(images, fctx, labels=labels)
-            meta: dict[str, Any] = {"fit_seconds": time.perf_counter() - t0, "categories": {}}
-            arrays: dict[str, np.ndarray] = {}
-            for j, c in enumerate(group):
-                t0 = time.perf_counter()
-                s = method.score(
-                    c.test_images, fctx, indices=c.test_rows, labels=np.full(len(c.test_rows), j), split="test"
+            fit_seconds = scoring.fit(method, part, images, fctx, labels=labels)
+            scored = (  # lazily: one category's maps at a time
+                scoring.score(
+                    method, f"{part}:{c.name}", c.test_images, fctx, c.test_rows, np.full(len(c.test_rows), j), "test"
                 )
-                t_score = time.perf_counter() - t0
+                for j, c in enumerate(group)
+            )
+            return method, fit_seconds, scored
+
+        if scoring.partial:
+            for _ in fit_and_score()[2]:
+                pass
+            return None, False
+
+        def compute(tmp: Path) -> None:
+            method, fit_seconds, scored = fit_and_score()
+            meta: dict[str, Any] = {"fit_seconds": fit_seconds, "categories": {}}
+            arrays: dict[str, np.ndarray] = {}
+            for j, (c, (s, t_score)) in enumerate(zip(group, scored)):
                 check_scores(method.name, s, c.test_images)
                 acc = AnomalyMetrics()
                 with_maps = s.maps is not None and c.has_masks
@@ -289,7 +313,7 @@ class AnomalyTask(Task):
                     }
                 meta["categories"][c.name] = info
                 meta["nfe_per_image"] = s.nfe_per_image
-            meta["describe"] = method.describe()
+            meta["describe"] = scoring.describe(method, f"{part}:{group[-1].name}")
             np.savez(tmp / "arrays.npz", **arrays)
             (tmp / "fit.json").write_text(json.dumps(meta, default=str))
 

@@ -2,7 +2,8 @@
 
 The runner does the same for every task (validate, hash the settings, skip a complete run, write the results, log
 them) and hands the middle of the path to the data's task:
-``task.run(cfg, method, build, ctx, identity) -> TaskResult``.
+``task.run(cfg, method, build, ctx, identity, scoring) -> TaskResult``, where ``scoring`` (``tasks/shards.py``) is the
+kind of work: the whole cell, one shard of it, or the merge of its shards.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 
 from ood_bench.methods import Context, Method
 from ood_bench.results import format_table
+from ood_bench.tasks.shards import WHOLE, Scoring
 
 
 @dataclass
@@ -72,11 +74,19 @@ class Task(ABC):
 
     @abstractmethod
     def run(
-        self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
-    ) -> TaskResult:
+        self,
+        cfg: DictConfig,
+        method: Method,
+        build: Callable[[], Method],
+        ctx: Context,
+        identity: dict[str, Any],
+        scoring: Scoring = WHOLE,
+    ) -> TaskResult | None:
         """Load the data, fit and score (``method``, or fresh ones from ``build``), compute the metrics.
 
         ``identity`` is the run's config identity (what its hash covers), for the keys of cached artefacts.
+        Every fit and score goes through ``scoring`` (the whole cell, a shard, or the merge of the shards); a
+        shard run (``scoring.partial``) returns ``None``: its scores are in the cache, its merge has the metrics.
         """
 
     def format(self, rows: list[Mapping[str, Any]]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics import CONVENTION, ood_metrics
 from ood_bench.results import TABLE_COLUMNS
 from ood_bench.tasks.base import Task, TaskResult, extra_columns
+from ood_bench.tasks.shards import WHOLE, Scoring
 
 #: data settings that change how images are read, never their values (left out of the config hash)
 RUNTIME_DATA_KEYS = ("num_workers", "in_memory")
@@ -76,23 +76,26 @@ class OodTask(Task):
         return ident
 
     def run(
-        self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
-    ) -> TaskResult:
+        self,
+        cfg: DictConfig,
+        method: Method,
+        build: Callable[[], Method],
+        ctx: Context,
+        identity: dict[str, Any],
+        scoring: Scoring = WHOLE,
+    ) -> TaskResult | None:
         pair = load_pair(cfg.data)
         if cfg.data.get("in_memory", False) or not method.lazy_images:
             pair = pair.materialize()  # float tensors, decoded once (memory grows with the data)
         ctx = replace(ctx, data_meta=pair.meta)
-        t0 = time.perf_counter()
-        method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
-        t_fit = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        s_id = method.score(
-            pair.id_test.images, ctx, indices=pair.id_test.indices, labels=pair.id_test.labels, split="id"
-        )
-        s_ood = method.score(
-            pair.ood_test.images, ctx, indices=pair.ood_test.indices, labels=pair.ood_test.labels, split="ood"
-        )
-        t_score = time.perf_counter() - t0
+        t_fit = scoring.fit(method, "fit", pair.id_train.images, ctx, labels=pair.id_train.labels)
+        scored = {}
+        for name, split in (("id", pair.id_test), ("ood", pair.ood_test)):
+            scored[name] = scoring.score(method, name, split.images, ctx, split.indices, split.labels, split=name)
+        if scoring.partial:
+            return None
+        (s_id, t_id), (s_ood, t_ood) = scored["id"], scored["ood"]
+        t_score = t_id + t_ood
         n_id, n_ood = len(s_id.values), len(s_ood.values)
         record: dict[str, Any] = {
             "n_id": n_id,
@@ -118,7 +121,7 @@ class OodTask(Task):
         def write_figures(folder: Path, full_record: dict[str, Any]) -> None:
             write_run_figures(folder, per_sample, method, pair, ctx, record=full_record, **figures)
 
-        return TaskResult(record, per_sample, write_extra=write_figures)
+        return TaskResult(record, per_sample, describe=scoring.describe(method, "ood"), write_extra=write_figures)
 
 
 def per_sample_columns(pair: Pair, s_id: Scores, s_ood: Scores) -> dict[str, np.ndarray]:
