@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from pathlib import Path
 
@@ -58,20 +60,111 @@ def load_script(name: str):
     return module
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Offline files that may be absent: one way to need them (docs/testing.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+# How a user gets each file or folder the tests read from $OOD_BENCH_WEIGHTS / $OOD_BENCH_DATA (the skip reason).
+HOW_TO_GET = {
+    "alexnet_features_imagenet.pth": "save torchvision.models.alexnet(weights='IMAGENET1K_V1').features.state_dict() "
+    "with torch.save under this name",
+    "vgg16_features_imagenet.pth": "save torchvision.models.vgg16(weights='IMAGENET1K_V1').features.state_dict() "
+    "with torch.save under this name",
+    "dists_alpha_beta.pt": "piq's DISTS release file dists_weights.pt (dict of 'alpha', 'beta'), renamed",
+    "cifar10_resnet20-12fca82f.th": "resnet20-12fca82f.th of github.com/akamaster/pytorch_resnet_cifar10, renamed",
+    "cifar10_resnet56-4bfd9763.th": "resnet56-4bfd9763.th of github.com/akamaster/pytorch_resnet_cifar10, renamed",
+    "MNIST": "torchvision.datasets.MNIST(<folder>, download=True)",
+    "FashionMNIST": "torchvision.datasets.FashionMNIST(<folder>, download=True)",
+    "cifar10-jpeg": "CIFAR-10 as an image folder {train,test}/<class>/*.jpg (any CIFAR-10 export)",
+    "textures-dtd10-jpeg32": "10 DTD classes as <class>/*.jpg at 32 px (docs/testing.md)",
+    "iqa_calibration": "the LPIPS/DISTS calibration pairs {ref,dist}/I*.bmp + results_official.csv (docs/testing.md)",
+    "magnetic_tile": "github.com/abin24/Magnetic-tile-defect-datasets in MVTec AD layout (conf/category/)",
+    "kolektor_sdd": "www.vicos.si/resources/kolektorsdd/ in MVTec AD layout (conf/category/)",
+}
+
+
+def missing_reason(kind: str, *parts: str) -> str | None:
+    """Why a test that needs ``<$OOD_BENCH_DATA or $OOD_BENCH_WEIGHTS>/<parts>`` cannot run, or None if it is there.
+
+    ``kind`` is ``"data"`` (a file or folder) or ``"weights"`` (a file). The reason names the path, the variable it
+    is looked for through and how to get it (``HOW_TO_GET``, by the first path part); every skip for an absent
+    offline file reads ``needs <path>: absent ...`` so that CI can check them (``.ci/check_skips.py``).
+    """
+    if kind not in ("data", "weights"):
+        raise ValueError(f"kind={kind!r} is not valid; valid: ['data', 'weights']")
+    folder, var = (DATA_DIR, "OOD_BENCH_DATA") if kind == "data" else (WEIGHTS_DIR, "OOD_BENCH_WEIGHTS")
+    path = folder.joinpath(*parts)
+    if path.is_file() or (kind == "data" and path.exists()):
+        return None
+    how = HOW_TO_GET.get(parts[0] if parts else "", "see docs/testing.md")
+    return f"needs {path}: absent (looked for in ${var}={folder}, default ../shared/{kind}); get it: {how}"
+
+
 def shared_path(*parts: str) -> Path:
-    """A file or folder under $OOD_BENCH_DATA; the calling test is skipped when it is absent."""
-    path = DATA_DIR.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared dataset {path} is absent (set OOD_BENCH_DATA to the offline data folder)")
-    return path
+    """A file or folder under $OOD_BENCH_DATA; the calling test is skipped (``missing_reason``) when it is absent."""
+    if reason := missing_reason("data", *parts):
+        pytest.skip(reason)
+    return DATA_DIR.joinpath(*parts)
 
 
 def shared_weight(name: str) -> Path:
-    """A file under $OOD_BENCH_WEIGHTS; the calling test is skipped when it is absent."""
-    path = WEIGHTS_DIR / name
-    if not path.is_file():
-        pytest.skip(f"shared weights {path} are absent (set OOD_BENCH_WEIGHTS to the offline weights folder)")
-    return path
+    """A file under $OOD_BENCH_WEIGHTS; the calling test is skipped (``missing_reason``) when it is absent."""
+    if reason := missing_reason("weights", name):
+        pytest.skip(reason)
+    return WEIGHTS_DIR / name
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.needs_shared(data=[...], weights=[...])``: skip the test (before its fixtures run) when any
+    of those offline files is absent, with ``missing_reason``. Entries are paths relative to $OOD_BENCH_DATA /
+    $OOD_BENCH_WEIGHTS ("MNIST/raw", "alexnet_features_imagenet.pth"). Use it on tests and fixtures' users alike;
+    inside a test body (e.g. one parameter of many) call ``shared_path`` / ``shared_weight`` instead."""
+    for item in items:
+        for mark in item.iter_markers("needs_shared"):
+            if mark.args or set(mark.kwargs) - {"data", "weights"}:
+                raise pytest.UsageError(f"{item.nodeid}: needs_shared takes only data=[...] and weights=[...]")
+            wanted = [("data", p) for p in mark.kwargs.get("data", ())]
+            wanted += [("weights", p) for p in mark.kwargs.get("weights", ())]
+            reasons = [r for kind, p in wanted if (r := missing_reason(kind, *Path(p).parts))]
+            if reasons:
+                item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
+
+
+def random_alexnet_features(seed: int = 1) -> dict:
+    """A state dict of the names and shapes of ``alexnet_features_imagenet.pth`` with random weights (seed 1: not
+    the network of ``encoder_weights=none``, which is seed 0)."""
+    import torch
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torchvision.models.alexnet(weights=None).features.state_dict()
+
+
+@functools.cache
+def standin_weights() -> Path:
+    """A weights folder (one per test session) holding a random stand-in ``alexnet_features_imagenet.pth``.
+
+    For tests whose check does not depend on ImageNet features (shapes, caching, file bookkeeping, runs that must
+    finish): pass this folder as ``weights_dir`` / ``paths.weights_dir``, or its file as
+    ``method.encoder_weights`` / ``method.lpips_weights``, instead of skipping without the offline weights. Also
+    the fixture ``standin_weights_dir``.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    folder = Path(tempfile.mkdtemp(prefix="ood_bench_standin_weights_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    torch.save(random_alexnet_features(), folder / "alexnet_features_imagenet.pth")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def standin_weights_dir() -> Path:
+    """``standin_weights()`` as a fixture."""
+    return standin_weights()
 
 
 def compose_config(overrides: list[str], tmp_path: Path):
@@ -190,13 +283,15 @@ def random_efficientnet_b4_state(seed: int = 0) -> dict:
 
 @pytest.fixture(scope="session")
 def weights_dir_with_b4(tmp_path_factory) -> Path:
-    """A weights folder: the offline weights (linked) plus an EfficientNet-B4 file of the paper's name and shapes."""
+    """A weights folder: the offline weights (linked; the stand-in AlexNet of ``standin_weights`` where the offline
+    one is absent) plus an EfficientNet-B4 file of the paper's name and shapes (random)."""
     import torch
 
     folder = tmp_path_factory.mktemp("weights_b4")
-    if WEIGHTS_DIR.is_dir():
-        for f in WEIGHTS_DIR.iterdir():
-            (folder / f.name).symlink_to(f.resolve())
+    for source in (WEIGHTS_DIR, standin_weights()):
+        for f in source.iterdir() if source.is_dir() else ():
+            if not (folder / f.name).exists():
+                (folder / f.name).symlink_to(f.resolve())
     torch.save(random_efficientnet_b4_state(), folder / EFFICIENTNET_B4_FILE)
     return folder
 

@@ -23,12 +23,15 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("anomaly_e2e")
 
 
-def args(work: Path, data_dir: Path, results: str = "results") -> list[str]:
+def args(work: Path, data_dir: Path, weights: Path, results: str = "results") -> list[str]:
+    """The run's settings (the first five determine its hash), with a random stand-in AlexNet file: what these
+    tests check does not depend on ImageNet features, so they run without the offline weights."""
     return [
         "method=patch_knn",
         "data=mvtec/bottle",
         "debug=anomaly",
         f"paths.data_dir={data_dir}",
+        f"method.encoder_weights={weights / 'alexnet_features_imagenet.pth'}",
         f"paths.results_dir={work / results}",
         f"paths.cache_dir={work / 'cache'}",
         f"paths.log_dir={work / 'logs'}",
@@ -36,22 +39,22 @@ def args(work: Path, data_dir: Path, results: str = "results") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def knn_run(work):
+def knn_run(work, standin_weights_dir):
     """``run.py method=patch_knn data=mvtec/bottle debug=anomaly logger=wandb logger.mode=offline``."""
     data = work / "data"
     write_mvtec(data / "mvtec_anomaly_detection", "bottle", n_train=6, n_good=8, defects={"broken": 5, "hole": 5})
     wb = work / "wandb_logger"
     _, out = run_cli(
-        [*args(work, data), "logger=wandb", "logger.mode=offline", f"logger.dir={wb}"],
+        [*args(work, data, standin_weights_dir), "logger=wandb", "logger.mode=offline", f"logger.dir={wb}"],
         env=subprocess_env(WANDB_MODE="offline", WANDB_DIR=str(work / "wandb_env")),
     )
     runs = sorted((work / "results" / "patch_knn" / "mvtec_bottle").iterdir())
     assert len(runs) == 1, out[-3000:]
-    return runs[0], out, data, wb
+    return runs[0], out, data, wb, standin_weights_dir
 
 
 def test_run_folder_holds_rows_scores_shots_and_figure(knn_run):
-    run_dir, out, data, _ = knn_run
+    run_dir, out, data, _, _ = knn_run
     names = {p.name for p in run_dir.iterdir()}
     assert {"summary.csv", "rows.csv", "scores.csv", "shots.json", "config.yaml", "DONE", "figures"} <= names
     rows = read_csv(run_dir / "rows.csv")
@@ -92,7 +95,7 @@ def test_run_folder_holds_rows_scores_shots_and_figure(knn_run):
 
 
 def test_figure_and_record_went_to_wandb(knn_run):
-    run_dir, _, _, wb = knn_run
+    run_dir, _, _, wb, _ = knn_run
     (offline,) = sorted((wb / "wandb").glob("offline-run-*"))
     logged = list((offline / "files" / "media" / "images").rglob("*.png"))
     assert len(logged) == 1 and "bottle" in str(logged[0])
@@ -106,9 +109,9 @@ def test_complete_run_is_skipped(knn_run, work, hydra_conf, tmp_path, caplog):
 
     from ood_bench.runner import run
 
-    run_dir, _, data, _ = knn_run
+    run_dir, _, data, _, weights = knn_run
     done = (run_dir / "DONE").stat().st_mtime_ns
-    cfg = hydra_conf(args(work, data)[:4], tmp_path)
+    cfg = hydra_conf(args(work, data, weights)[:5], tmp_path)
     with open_dict(cfg):
         cfg.paths.results_dir, cfg.paths.cache_dir = str(work / "results"), str(work / "cache")
     caplog.set_level(logging.INFO, logger="ood_bench")
@@ -117,7 +120,7 @@ def test_complete_run_is_skipped(knn_run, work, hydra_conf, tmp_path, caplog):
     assert record["config_hash"] == run_dir.name and (run_dir / "DONE").stat().st_mtime_ns == done
 
 
-def test_corrupt_mask_fails_with_its_name(hydra_conf, tmp_path):
+def test_corrupt_mask_fails_with_its_name(hydra_conf, tmp_path, standin_weights_dir):
     from ood_bench.data.anomaly import CorruptFileError
     from ood_bench.runner import run
 
@@ -125,7 +128,7 @@ def test_corrupt_mask_fails_with_its_name(hydra_conf, tmp_path):
     base = write_mvtec(data / "mvtec_anomaly_detection", "bottle", n_train=3, n_good=2, defects={"hole": 2})
     bad = base / "ground_truth" / "hole" / "001_mask.png"
     bad.write_bytes(b"garbage")
-    cfg = hydra_conf([*args(tmp_path, data)[:4], "data.n_test=null"], tmp_path)
+    cfg = hydra_conf([*args(tmp_path, data, standin_weights_dir)[:5], "data.n_test=null"], tmp_path)
     with pytest.raises(CorruptFileError, match=f"cannot decode mask {re.escape(str(bad))}"):
         run(cfg)
     assert not (tmp_path / "results").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import standin_weights
 from PIL import Image
 
 from ood_bench.distances import build_distance
@@ -23,8 +24,7 @@ def _load(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
 
 
-@pytest.mark.skipif(not (WEIGHTS / "alexnet_features_imagenet.pth").is_file(), reason="offline AlexNet weights absent")
-@pytest.mark.skipif(not CALIB.is_dir(), reason="iqa_calibration data absent")
+@pytest.mark.needs_shared(weights=["alexnet_features_imagenet.pth"], data=["iqa_calibration"])
 def test_lpips_alex_matches_official_values() -> None:
     with open(CALIB / "results_official.csv", newline="") as f:
         official = {row["Method"]: row for row in csv.DictReader(f)}["lpips"]
@@ -35,9 +35,10 @@ def test_lpips_alex_matches_official_values() -> None:
         assert value == pytest.approx(float(official[name]), abs=2e-4), name
 
 
-@pytest.mark.skipif(not (WEIGHTS / "alexnet_features_imagenet.pth").is_file(), reason="offline AlexNet weights absent")
 def test_lpips_small_grey_images_and_identity() -> None:
-    dist = build_distance("lpips", weights_dir=WEIGHTS)
+    """Shapes, identity and a positive distance: a random stand-in AlexNet does (LPIPS of a random backbone is
+    still a distance; the official values are checked above)."""
+    dist = build_distance("lpips", weights_dir=standin_weights())
     x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     same = dist(x, x)
     other = dist(x, torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
@@ -67,9 +68,7 @@ def test_distance_grows_with_perturbation(name: str) -> None:
     assert bool((large > small).all())
 
 
-@pytest.mark.skipif(not (WEIGHTS / "vgg16_features_imagenet.pth").is_file(), reason="offline VGG16 weights absent")
-@pytest.mark.skipif(not (WEIGHTS / "dists_alpha_beta.pt").is_file(), reason="offline DISTS weights absent")
-@pytest.mark.skipif(not CALIB.is_dir(), reason="iqa_calibration data absent")
+@pytest.mark.needs_shared(weights=["vgg16_features_imagenet.pth", "dists_alpha_beta.pt"], data=["iqa_calibration"])
 def test_dists_matches_official_values_at_full_resolution() -> None:
     """piq's DISTS with the local VGG16 and alpha/beta files reproduces the official values (512x384 images,
     not downsampled: piq's own forward would shrink them to 256 px and give 0.438 instead of 0.474 on I03)."""
@@ -81,7 +80,7 @@ def test_dists_matches_official_values_at_full_resolution() -> None:
     assert value == pytest.approx(float(official["I03.bmp"]), abs=2e-5)
 
 
-@pytest.mark.skipif(not (WEIGHTS / "dists_alpha_beta.pt").is_file(), reason="offline DISTS weights absent")
+@pytest.mark.needs_shared(weights=["vgg16_features_imagenet.pth", "dists_alpha_beta.pt"])
 def test_dists_small_grey_images_and_missing_weights(tmp_path: Path) -> None:
     dist = build_distance("dists", weights_dir=WEIGHTS)
     x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_weight
+from conftest import standin_weights
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.distances import build_distance
@@ -141,8 +141,9 @@ def test_bad_settings_fail_at_construction(kwargs: dict, pattern: str) -> None:
 def test_distance_receives_images_in_0_1(tiny_diffusion, tmp_path: Path) -> None:
     """LMD inpaints in [-1, 1] and hands originals and inpaintings in [0, 1] to LPIPS (normalize=True), which is
     the official detect.py call: lpips(x * 2 - 1, recon * 2 - 1) on the raw [0, 1] images (our inpaintings are
-    stored with float16 inpainted pixels, the deviation docs/deviations.md names)."""
-    weights = shared_weight("alexnet_features_imagenet.pth").parent
+    stored with float16 inpainted pixels, the deviation docs/deviations.md names). The AlexNet is a random stand-in:
+    what is checked is the call, not what ImageNet features see."""
+    weights = standin_weights()
     lmd = LMD(reps=2, steps=3, num_blocks=4, distance="lpips", weights_dir=str(weights))
     lmd.model, lmd.distance = tiny_diffusion, build_distance("lpips", weights_dir=weights)
     x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(5))

@@ -9,9 +9,13 @@ Everything is computed on full float64 vectors, by scikit-learn where it applies
   itself (an oracle threshold, as anomalib's ``F1Max`` and the few-shot AD papers report it): optimistic by
   construction, never a deployable operating point.
 * ``aupro``: area under the per-region-overlap (PRO) curve up to a false-positive rate of 0.3, divided by 0.3
-  (the MVTec AD reference evaluation, also anomalib's ``AUPRO``). Regions are the 8-connected components of the
-  ground-truth masks, counted over the whole test set; every region weighs the same, whatever its size. The FPR
-  is taken over all defect-free pixels (those of defect-free images included).
+  (the MVTec AD reference evaluation). Regions are the 8-connected components of the ground-truth masks, counted
+  over the whole test set; every region weighs the same, whatever its size. The FPR is taken over all defect-free
+  pixels (those of defect-free images included).
+
+These follow the MVTec AD reference evaluation code, not anomalib: anomalib's ``AUPRO`` computes in float32 and
+resamples each region's curve, and its ``AUROC`` (torchmetrics) passes scores outside [0, 1] through a sigmoid
+first (in float32 it saturates and ties large scores; anomalib issue #3407), so its numbers can differ.
 
 ``AnomalyMetrics`` accumulates batches (``update``) and computes once (``compute``), so the numbers never depend
 on how the scoring was batched.

@@ -4,10 +4,13 @@ The loop follows diffusers' ``StableDiffusionInpaintPipeline`` for 9-channel UNe
 ``[z_t; mask; masked-image latents]`` with mask 1 = repaint, the masked image is the input with the hidden pixels
 set to 0 (mid-grey in ``[-1, 1]``), and the img2img ``strength`` rule picks the steps: of ``steps`` DDIM steps over
 the whole schedule, the last ``int(steps * strength)`` run, starting from the image latents noised to the first of
-them (pure noise when ``strength = 1``). Differences from the pipeline (named options): no classifier-free
-guidance (one UNet call per step) and latents from the VAE posterior mean (the pipeline samples it).
-``replace_known`` additionally re-imposes the noised known latents after every step (the pipeline does that only
-for 4-channel UNets). All noise comes from per-sample generators.
+them (pure noise when ``strength = 1``). Differences from the pipeline: no classifier-free guidance (one UNet
+call per step; the pipeline's ``guidance_scale=1``) and, in AnomalySD, latents from the VAE posterior mean (the
+pipeline samples it; the latents are the caller's choice). ``replace_known`` additionally re-imposes the noised
+known latents after every step (the pipeline does that only for 4-channel UNets). All noise comes from per-sample
+generators. Fed the pipeline's inputs (posterior samples, ``replace_known=False``), the loop gives
+``StableDiffusionInpaintPipeline(..., guidance_scale=1, output_type="latent")``'s latents to 1e-5
+(tests/test_sd_inpaint_diffusers.py).
 """
 
 from __future__ import annotations
@@ -63,15 +66,23 @@ def sd_inpaint(
     eta: float = 0.0,
     replace_known: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Inpaint latents; returns the final latents and the number of UNet calls per image.
 
     ``z0``: scaled latents of the images; ``masked_latents``: latents of the masked images; ``known_latent``:
-    ``[N, 1, h, w]`` (1 = known); ``text``: ``[N, L, D]`` prompt embeddings; one generator per image.
+    ``[N, 1, h, w]`` (1 = known); ``text``: ``[N, L, D]`` prompt embeddings; one generator per image, which
+    draws the initial noise (unless ``noise`` is given) and, with ``eta > 0``, each step's noise. The pipeline
+    draws, per image: the image's posterior sample, the initial noise, the masked image's posterior sample, then
+    the steps' noise; passing ``noise`` drawn between the two samples reproduces that order
+    (tests/test_sd_inpaint_diffusers.py).
     """
     sched, timesteps = inference_timesteps(stack, steps, strength)
     device = z0.device
-    noise = randn_per_sample(z0.shape, generators, device, z0.dtype)
+    if noise is None:
+        noise = randn_per_sample(z0.shape, generators, device, z0.dtype)
+    elif noise.shape != z0.shape:
+        raise ValueError(f"noise of shape {tuple(noise.shape)} does not match the latents {tuple(z0.shape)}")
     if strength >= 1.0:
         lat = noise * sched.init_noise_sigma
     else:
