@@ -96,13 +96,36 @@ KNOWN_SIZES: dict[str, tuple[int, int]] = {
 # test images per category of the anomaly datasets (MVTec AD; VisA's 1cls split), for data not on disk
 KNOWN_ANOMALY_TEST: dict[str, int] = {
     **dict(
-        bottle=83, cable=150, capsule=132, carpet=117, grid=78, hazelnut=110, leather=124, metal_nut=115, pill=167,
-        screw=160, tile=117, toothbrush=42, transistor=100, wood=79, zipper=151,
-    ),  # fmt: skip
+        bottle=83,
+        cable=150,
+        capsule=132,
+        carpet=117,
+        grid=78,
+        hazelnut=110,
+        leather=124,
+        metal_nut=115,
+        pill=167,
+        screw=160,
+        tile=117,
+        toothbrush=42,
+        transistor=100,
+        wood=79,
+        zipper=151,
+    ),
     **dict(
-        candle=200, capsules=160, cashew=150, chewinggum=150, fryum=150, macaroni1=200, macaroni2=200, pcb1=200,
-        pcb2=200, pcb3=201, pcb4=201, pipe_fryum=150,
-    ),  # fmt: skip
+        candle=200,
+        capsules=160,
+        cashew=150,
+        chewinggum=150,
+        fryum=150,
+        macaroni1=200,
+        macaroni2=200,
+        pcb1=200,
+        pcb2=200,
+        pcb3=201,
+        pcb4=201,
+        pipe_fryum=150,
+    ),
     "magnetic_tile": 644,
     "kolektor_sdd": 152,
 }
@@ -431,19 +454,57 @@ _ADM_LEVELS = 6  # guided-diffusion 256x256_diffusion_uncond: 256 channels, mult
 # attention at 32/16/8 px with 64-channel heads, scale-shift norm, resblock up/down, learned sigma (6 out channels)
 KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "adm_imagenet256_uncond": dict(
-        sample_size=256, in_channels=3, out_channels=6, layers_per_block=2,
+        sample_size=256,
+        in_channels=3,
+        out_channels=6,
+        layers_per_block=2,
         block_out_channels=(256, 256, 512, 512, 1024, 1024),
         down_block_types=("ResnetDownsampleBlock2D",) * 3 + ("AttnDownBlock2D",) * 3,
         up_block_types=("AttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",) * 3,
-        downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="scale_shift",
-        attention_head_dim=64, norm_num_groups=32,
+        downsample_type="resnet",
+        upsample_type="resnet",
+        resnet_time_scale_shift="scale_shift",
+        attention_head_dim=64,
+        norm_num_groups=32,
     ),
     "ddpm_cifar10_pretrained": dict(  # google/ddpm-cifar10-32 (the unet_ddpm architecture)
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
     ),
-}  # fmt: skip
+}
+
+
+# SD-inpainting stacks (diffusers UNet2DConditionModel / AutoencoderKL configs of the published checkpoints)
+_SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=512,
+)
+KNOWN_SD_STACKS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "stable-diffusion-v1-5/stable-diffusion-inpainting": (
+        dict(
+            in_channels=9,
+            out_channels=4,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            sample_size=64,
+        ),
+        _SD15_VAE,
+    ),
+}
 
 
 def _pretrained_unet_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -466,7 +527,7 @@ def _pretrained_unet_config(model_cfg: dict[str, Any]) -> dict[str, Any]:
 
 def classifier_probe(cfg: dict[str, Any], channels: int, size: int, num_classes: int) -> Probe:
     """The ``classifier`` group's network (architecture only) with its input adaptation."""
-    from ood_bench.models.classifier import Classifier, CifarResNet, SmallCNN
+    from ood_bench.models.classifier import CifarResNet, Classifier, SmallCNN
 
     kind = cfg["kind"]
     key = f"classifier:{kind}:{cfg.get('depth') or cfg.get('arch') or cfg.get('width')}:{channels}:{size}:{num_classes}"
@@ -484,9 +545,15 @@ def classifier_probe(cfg: dict[str, Any], channels: int, size: int, num_classes:
         std = tuple(cfg.get("std") or [0.5] * in_ch)
         cam = cfg.get("cam_layer") or ""
         return Classifier(
-            net, list(range(num_classes)), in_channels=in_ch, mean=mean, std=std,
-            input_size=cfg.get("input_size"), cam_layer=cam, source="plan",
-        )  # fmt: skip
+            net,
+            list(range(num_classes)),
+            in_channels=in_ch,
+            mean=mean,
+            std=std,
+            input_size=cfg.get("input_size"),
+            cam_layer=cam,
+            source="plan",
+        )
 
     def example(rows: int, device: torch.device) -> tuple[tuple, dict]:
         return (torch.zeros(rows, channels, size, size, device=device),), {}
@@ -519,18 +586,23 @@ def distance_probe(name: str, size: int, channels: int, lpips_net: str = "alex")
 
         def build() -> nn.Module:
             import torchvision
-            from piq.perceptual import VGG16_LAYERS, ContentLoss
             from piq import DISTS
+            from piq.perceptual import VGG16_LAYERS, ContentLoss
 
             from ood_bench.distances.dists import CHANNELS, LAYERS
 
             metric = DISTS.__new__(DISTS)
             ones = [torch.ones(1, c, 1, 1) for c in CHANNELS]
             ContentLoss.__init__(
-                metric, feature_extractor=torchvision.models.vgg16(weights=None).features,
-                layers=[VGG16_LAYERS[n] for n in LAYERS], weights=ones + ones, replace_pooling=True,
-                reduction="none", normalize_features=False, allow_layers_weights_mismatch=True,
-            )  # fmt: skip
+                metric,
+                feature_extractor=torchvision.models.vgg16(weights=None).features,
+                layers=[VGG16_LAYERS[n] for n in LAYERS],
+                weights=ones + ones,
+                replace_pooling=True,
+                reduction="none",
+                normalize_features=False,
+                allow_layers_weights_mismatch=True,
+            )
 
             def call(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 if x.shape[1] == 1:
@@ -685,9 +757,19 @@ def _diffusion_training(cfg: DictConfig, n_train: int, class_embeds: int | None 
     probe = unet_probe(model, int(cfg.data.image_size), int(cfg.data.channels), class_embeds)
     opt = "adamw_ema" if float(t.get("ema_decay") or 0) > 0 else "adamw"
     return [
-        Stage("train", f"unet {model['name']}", probe, "train", n_train, steps * bs / max(n_train, 1), bs,
-              t.get("precision", "fp32"), opt, note=f"{steps} steps x batch {bs}")
-    ]  # fmt: skip
+        Stage(
+            "train",
+            f"unet {model['name']}",
+            probe,
+            "train",
+            n_train,
+            steps * bs / max(n_train, 1),
+            bs,
+            t.get("precision", "fp32"),
+            opt,
+            note=f"{steps} steps x batch {bs}",
+        )
+    ]
 
 
 @register_planner("lmd", "lmd_mse")
@@ -697,8 +779,19 @@ def plan_lmd(cfg: DictConfig, sizes: dict[str, int]) -> list[Stage]:
     n = sizes["n_id"] + sizes["n_ood"]
     probe = unet_probe(_model_cfg(cfg), size, ch)
     rows = min(int(m.eval_batch), int(m.batch_size) * int(m.reps))
-    stages.append(Stage("score", "unet (inpainting)", probe, "forward", n, int(m.reps) * int(m.steps), rows,
-                        m.precision, note=f"{m.reps} repeats x {m.steps} {m.sampler} steps"))  # fmt: skip
+    stages.append(
+        Stage(
+            "score",
+            "unet (inpainting)",
+            probe,
+            "forward",
+            n,
+            int(m.reps) * int(m.steps),
+            rows,
+            m.precision,
+            note=f"{m.reps} repeats x {m.steps} {m.sampler} steps",
+        )
+    )
     dist = distance_probe(m.distance, size, ch, m.get("lpips_net", "alex"))
     if dist is not None:
         stages.append(Stage("score", f"distance {m.distance}", dist, "forward", n, int(m.reps), int(m.batch_size)))
@@ -727,9 +820,18 @@ def _classifier_stages(cfg: DictConfig, sizes: dict[str, int], batch: int) -> li
         return []
     steps, bs = int(c["train"]["steps"]), int(c["train"]["batch_size"])
     return [
-        Stage("train", "classifier small_cnn", _classifier(cfg), "train", sizes["n_train"],
-              steps * bs / max(sizes["n_train"], 1), bs, optimizer="adamw", note=f"{steps} steps x batch {bs}")
-    ]  # fmt: skip
+        Stage(
+            "train",
+            "classifier small_cnn",
+            _classifier(cfg),
+            "train",
+            sizes["n_train"],
+            steps * bs / max(sizes["n_train"], 1),
+            bs,
+            optimizer="adamw",
+            note=f"{steps} steps x batch {bs}",
+        )
+    ]
 
 
 @register_planner("diffguard")
@@ -752,13 +854,36 @@ def plan_diffguard(cfg: DictConfig, sizes: dict[str, int]) -> list[Stage]:
     syn = min(max(depth + int(m.synthesis_offset), first), last) - first + 1
     guided = syn * (2 if m.guidance == "cfg" else 1)
     aux = syn if m.uncond_aux else 0
-    stages.append(Stage("score", "unet (inversion + synthesis)", probe, "forward", n, depth + guided + aux, bs,
-                        m.precision, note=f"<= {depth} inversion + {syn} synthesis steps"
-                        + (" (CFG: 2 evaluations)" if m.guidance == "cfg" else "") + (f" + {aux} unguided" if aux else "")))  # fmt: skip
+    stages.append(
+        Stage(
+            "score",
+            "unet (inversion + synthesis)",
+            probe,
+            "forward",
+            n,
+            depth + guided + aux,
+            bs,
+            m.precision,
+            note=f"<= {depth} inversion + {syn} synthesis steps"
+            + (" (CFG: 2 evaluations)" if m.guidance == "cfg" else "")
+            + (f" + {aux} unguided" if aux else ""),
+        )
+    )
     if m.guidance == "cg":
         cut = max(1, int(m.cutouts))
-        stages.append(Stage("score", "classifier (guidance gradient)", clf, "input_grad", n, syn * cut, bs * cut,
-                            m.precision, note=f"{syn} steps x {cut} cutouts"))  # fmt: skip
+        stages.append(
+            Stage(
+                "score",
+                "classifier (guidance gradient)",
+                clf,
+                "input_grad",
+                n,
+                syn * cut,
+                bs * cut,
+                m.precision,
+                note=f"{syn} steps x {cut} cutouts",
+            )
+        )
     if m.distance == "logit_l1":
         stages.append(Stage("score", "classifier (logit distance)", clf, "forward", n, 2, bs))
     else:
@@ -767,8 +892,18 @@ def plan_diffguard(cfg: DictConfig, sizes: dict[str, int]) -> list[Stage]:
             stages.append(Stage("score", f"distance {m.distance}", dist, "forward", n, 1, bs))
     if m.get("early_stop_dists") is not None:
         dists = distance_probe("dists", size, ch)
-        stages.append(Stage("score", "distance dists (early stop)", dists, "forward", n, depth, bs,
-                            note="after every inversion step"))  # fmt: skip
+        stages.append(
+            Stage(
+                "score",
+                "distance dists (early stop)",
+                dists,
+                "forward",
+                n,
+                depth,
+                bs,
+                note="after every inversion step",
+            )
+        )
     if m.combine != "none":
         stages.append(Stage("score", "classifier (+X threshold)", clf, "forward", sizes["n_train"], 1, bs))
     return stages
@@ -789,13 +924,42 @@ def plan_dlsr(cfg: DictConfig, sizes: dict[str, int]) -> list[Stage]:
     calls = int(m.t) if m.recon == "official" else int(m.t) + 1
     calls *= 2 if m.score == "lr" else 1
     return [
-        Stage("train", f"encoder {m.encoder}", enc, "forward", n_train, 1, int(m.batch_size), note="features of the ID training split"),
-        Stage("train", "lfdn", net, "train", n_train, seen / max(n_train, 1), bs, optimizer=ema, family="mlp",
-              note=f"{m.epochs} epochs x batch {bs}"),
+        Stage(
+            "train",
+            f"encoder {m.encoder}",
+            enc,
+            "forward",
+            n_train,
+            1,
+            int(m.batch_size),
+            note="features of the ID training split",
+        ),
+        Stage(
+            "train",
+            "lfdn",
+            net,
+            "train",
+            n_train,
+            seen / max(n_train, 1),
+            bs,
+            optimizer=ema,
+            family="mlp",
+            note=f"{m.epochs} epochs x batch {bs}",
+        ),
         Stage("score", f"encoder {m.encoder}", enc, "forward", n, 1, int(m.batch_size), m.precision),
-        Stage("score", "lfdn", net, "forward", n, calls, int(m.batch_size), m.precision, family="mlp",
-              note=f"t={m.t}, recon={m.recon}" + (", two checkpoints" if m.score == "lr" else "")),
-    ]  # fmt: skip
+        Stage(
+            "score",
+            "lfdn",
+            net,
+            "forward",
+            n,
+            calls,
+            int(m.batch_size),
+            m.precision,
+            family="mlp",
+            note=f"t={m.t}, recon={m.recon}" + (", two checkpoints" if m.score == "lr" else ""),
+        ),
+    ]
 
 
 @register_planner("patch_knn")
@@ -827,19 +991,48 @@ def plan_anomalysd(cfg: DictConfig, sizes: dict[str, Any]) -> list[Stage]:
     prec, bs = m.precision, int(m.batch_size)
     ema = "adamw_ema" if float(m.ema_decay) > 0 else "adamw"
     stages = [
-        Stage("train", "sd unet (fine-tune)", stack["unet"], "train", fits * shots,
-              int(m.unet_steps) * int(m.train_batch_size) / shots, int(m.train_batch_size), prec, ema,
-              note=f"{fits} fits x {m.unet_steps} steps x batch {m.train_batch_size}"),
-        Stage("score", "sd unet (inpainting)", stack["unet"], "forward", n_test, masks * n_steps, bs, prec,
-              note=f"{masks} masks x {n_steps} steps (strength {m.strength})"),
+        Stage(
+            "train",
+            "sd unet (fine-tune)",
+            stack["unet"],
+            "train",
+            fits * shots,
+            int(m.unet_steps) * int(m.train_batch_size) / shots,
+            int(m.train_batch_size),
+            prec,
+            ema,
+            note=f"{fits} fits x {m.unet_steps} steps x batch {m.train_batch_size}",
+        ),
+        Stage(
+            "score",
+            "sd unet (inpainting)",
+            stack["unet"],
+            "forward",
+            n_test,
+            masks * n_steps,
+            bs,
+            prec,
+            note=f"{masks} masks x {n_steps} steps (strength {m.strength})",
+        ),
         Stage("score", "alexnet features", stack["alex"], "forward", n_test, masks + 1, bs, prec),
-    ]  # fmt: skip
+    ]
     if stack["vae"] is not None:
         stages.append(Stage("score", "vae (encode + decode)", stack["vae"], "forward", n_test, masks + 1, bs, prec))
         if m.vae_mode != "none":
-            stages.append(Stage("train", "vae (fine-tune)", stack["vae"], "train", fits * shots,
-                                int(m.vae_steps) * int(m.vae_batch_size) / shots, int(m.vae_batch_size), prec,
-                                "adamw", note=f"{fits} fits x {m.vae_steps} steps"))  # fmt: skip
+            stages.append(
+                Stage(
+                    "train",
+                    "vae (fine-tune)",
+                    stack["vae"],
+                    "train",
+                    fits * shots,
+                    int(m.vae_steps) * int(m.vae_batch_size) / shots,
+                    int(m.vae_batch_size),
+                    prec,
+                    "adamw",
+                    note=f"{fits} fits x {m.vae_steps} steps",
+                )
+            )
     return stages
 
 
@@ -859,23 +1052,32 @@ def _sd_parts(mc: dict[str, Any], size: int) -> dict[str, Probe | None]:
         lat_ch = 3 * s["vae"]["patch_size"] ** 2 if vae_kind == "patch" else int(s["vae"]["latent_channels"])
         u = dict(s["unet"])
         unet_cfg = dict(
-            sample_size=size // f, in_channels=2 * lat_ch + 1, out_channels=lat_ch,
-            block_out_channels=tuple(u["block_out_channels"]), down_block_types=tuple(u["down_block_types"]),
-            up_block_types=tuple(u["up_block_types"]), layers_per_block=u["layers_per_block"],
-            norm_num_groups=u["norm_num_groups"], attention_head_dim=u["attention_head_dim"],
+            sample_size=size // f,
+            in_channels=2 * lat_ch + 1,
+            out_channels=lat_ch,
+            block_out_channels=tuple(u["block_out_channels"]),
+            down_block_types=tuple(u["down_block_types"]),
+            up_block_types=tuple(u["up_block_types"]),
+            layers_per_block=u["layers_per_block"],
+            norm_num_groups=u["norm_num_groups"],
+            attention_head_dim=u["attention_head_dim"],
             cross_attention_dim=int(s["text"]["hidden_size"]),
-        )  # fmt: skip
+        )
         text_len, text_dim = int(s["text"]["max_length"]), int(s["text"]["hidden_size"])
         vae_build = (lambda: _scratch_kl(s["vae"])) if vae_kind == "kl" else None
     else:
         ref = Path(str(mc["stack"])).expanduser()
-        if not (ref / "unet" / "config.json").is_file():
+        if (ref / "unet" / "config.json").is_file() and (ref / "vae" / "config.json").is_file():
+            unet_cfg = json.loads((ref / "unet" / "config.json").read_text())
+            vae_cfg = json.loads((ref / "vae" / "config.json").read_text())
+        elif str(mc["stack"]) in KNOWN_SD_STACKS:
+            log.info("plan: %s not on disk; its published architecture is planned", mc["stack"])
+            unet_cfg, vae_cfg = (dict(c) for c in KNOWN_SD_STACKS[str(mc["stack"])])
+        else:
             raise ConfigError(
-                f"plan: method.stack={mc['stack']!r} is not a local folder with unet/config.json, so the stack's "
-                f"architecture is unknown here; download it first (conf/method/anomalysd_sd.yaml)"
+                f"plan: method.stack={mc['stack']!r} is not a local folder with unet/ and vae/config.json, nor a "
+                f"known stack ({sorted(KNOWN_SD_STACKS)}); download it first (conf/method/anomalysd_sd.yaml)"
             )
-        unet_cfg = json.loads((ref / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((ref / "vae" / "config.json").read_text())
         lat_ch, f = int(vae_cfg["latent_channels"]), 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         unet_cfg["sample_size"] = size // f
         text_len, text_dim = 77, int(unet_cfg["cross_attention_dim"])
@@ -888,8 +1090,11 @@ def _sd_parts(mc: dict[str, Any], size: int) -> dict[str, Probe | None]:
         return (x, t), {"encoder_hidden_states": torch.zeros(rows, text_len, text_dim, device=device)}
 
     parts: dict[str, Probe | None] = {
-        "unet": Probe(f"sd_unet:{sorted(unet_cfg.items())}:{lat}", lambda: UNet2DConditionModel.from_config(unet_cfg),
-                      unet_example),  # fmt: skip
+        "unet": Probe(
+            f"sd_unet:{sorted(unet_cfg.items())}:{lat}",
+            lambda: UNet2DConditionModel.from_config(unet_cfg),
+            unet_example,
+        ),
         "vae": None,
     }
     if vae_build is not None:
@@ -898,9 +1103,10 @@ def _sd_parts(mc: dict[str, Any], size: int) -> dict[str, Probe | None]:
             return vae.decode(vae.encode(x).latent_dist.mode()).sample
 
         parts["vae"] = Probe(
-            f"sd_vae:{mc.get('stack')}:{size}", lambda: _Call(vae_build(), vae_call),
+            f"sd_vae:{mc.get('stack')}:{size}",
+            lambda: _Call(vae_build(), vae_call),
             lambda rows, device: ((torch.zeros(rows, 3, size, size, device=device),), {}),
-        )  # fmt: skip
+        )
     fsize = int(mc.get("feature_size") or size)
     parts["alex"] = encoder_probe("alexnet", None, fsize, None, size)
     return parts
@@ -987,10 +1193,31 @@ def _total(rows: list[dict[str, Any]], base: dict[str, Any], label: str) -> dict
 
 
 COLUMNS = (
-    "method", "data", "overrides", "n_train", "n_id", "n_ood", "n_test", "shot_seeds", "fits", "phase", "network",
-    "params_m", "images", "evals_per_image", "kind", "gflops_per_eval", "total_pflops", "batch", "precision",
-    "peak_mem_gib", "counted_on", "cpu_hours", *(f"{a}_hours" for a in ACCELERATORS), "note",
-)  # fmt: skip
+    "method",
+    "data",
+    "overrides",
+    "n_train",
+    "n_id",
+    "n_ood",
+    "n_test",
+    "shot_seeds",
+    "fits",
+    "phase",
+    "network",
+    "params_m",
+    "images",
+    "evals_per_image",
+    "kind",
+    "gflops_per_eval",
+    "total_pflops",
+    "batch",
+    "precision",
+    "peak_mem_gib",
+    "counted_on",
+    "cpu_hours",
+    *(f"{a}_hours" for a in ACCELERATORS),
+    "note",
+)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -1009,8 +1236,20 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     """The plan as a Markdown table (hours as h, memory as GiB)."""
     import pandas as pd
 
-    shown = ["data", "phase", "network", "images", "evals_per_image", "gflops_per_eval", "total_pflops", "batch",
-             "precision", "peak_mem_gib", "cpu_hours", *(f"{a}_hours" for a in ACCELERATORS)]  # fmt: skip
+    shown = [
+        "data",
+        "phase",
+        "network",
+        "images",
+        "evals_per_image",
+        "gflops_per_eval",
+        "total_pflops",
+        "batch",
+        "precision",
+        "peak_mem_gib",
+        "cpu_hours",
+        *(f"{a}_hours" for a in ACCELERATORS),
+    ]
     frame = pd.DataFrame(rows).reindex(columns=shown)
     return frame.to_markdown(index=False, floatfmt=".4g")
 
@@ -1036,9 +1275,16 @@ def plan_run(cfg: DictConfig) -> dict[str, Any]:
     log.info(
         "plan of %s on %s (%s; utilisation %.2f of peak; CPU = one core here, from make bench):\n%s\n"
         "cell total: %.4g PFLOP, peak memory %.2f GiB, %s; written: %s",
-        cell.method, cell.data, "; ".join(cell.notes) or "sizes", utilisation, format_rows(rows),
-        total["total_pflops"], total["peak_mem_gib"], _hours_text(total), path,
-    )  # fmt: skip
+        cell.method,
+        cell.data,
+        "; ".join(cell.notes) or "sizes",
+        utilisation,
+        format_rows(rows),
+        total["total_pflops"],
+        total["peak_mem_gib"],
+        _hours_text(total),
+        path,
+    )
     return total
 
 
@@ -1057,10 +1303,8 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]] | None:
         with open(f, newline="") as fh:
             for r in csv.DictReader(fh):
                 for k, v in r.items():
-                    try:
-                        r[k] = float(v) if k.endswith(("hours", "pflops", "gib")) else v
-                    except ValueError:
-                        pass
+                    if k.endswith(("hours", "pflops", "gib")) and v not in ("", None):
+                        r[k] = float(v)
                 rows.append(r)
     cells = [r for r in rows if r["phase"] == "total"]
     for r in cells:
@@ -1070,9 +1314,13 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]] | None:
     write_csv(sweep_dir / "plan.csv", rows)
     log.info(
         "sweep plan (%d cells):\n%s\nsweep total: %.4g PFLOP, largest peak memory %.2f GiB, %s; written: %s",
-        len(cells), format_rows([*cells, total]), total["total_pflops"], total["peak_mem_gib"], _hours_text(total),
+        len(cells),
+        format_rows([*cells, total]),
+        total["total_pflops"],
+        total["peak_mem_gib"],
+        _hours_text(total),
         sweep_dir / "plan.csv",
-    )  # fmt: skip
+    )
     return rows
 
 
