@@ -971,9 +971,10 @@ def plan_patch_knn(cfg: DictConfig, sizes: dict[str, Any]) -> list[Stage]:
     n_test = sum(sizes["tests"].values()) * sizes["seeds"]
     shots = int(cfg.data.k_shot) * len(sizes["tests"]) * sizes["seeds"]
     bs = int(m.get("batch_size", 32))
+    prec = m.get("precision", "fp32")
     return [
-        Stage("train", "encoder (memory bank)", enc, "forward", shots, 1, bs),
-        Stage("score", "encoder", enc, "forward", n_test, 1, bs, note="+ nearest-neighbour search (not counted)"),
+        Stage("train", "encoder (memory bank)", enc, "forward", shots, 1, bs, prec),
+        Stage("score", "encoder", enc, "forward", n_test, 1, bs, prec, note="+ nearest-neighbour search (not counted)"),
     ]
 
 
