@@ -1238,6 +1238,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     import pandas as pd
 
     shown = [
+        "method",
         "data",
         "phase",
         "network",
@@ -1308,8 +1309,10 @@ def summarize_sweep(sweep_dir: Path) -> list[dict[str, Any]] | None:
                         r[k] = float(v)
                 rows.append(r)
     cells = [r for r in rows if r["phase"] == "total"]
-    for r in cells:
-        r["phase"] = "cell"
+    tokens = [str(r.get("overrides") or "").split() for r in cells]
+    common = set.intersection(*(set(t) for t in tokens)) if tokens else set()
+    for r, toks in zip(cells, tokens):  # the cell's own overrides name it in the table
+        r["phase"], r["network"] = "cell", " ".join(t for t in toks if t not in common)
     total = _total([{**r, "phase": "train"} for r in cells], {"method": "", "data": "", "overrides": ""}, "sweep")
     rows = [r for r in rows if r["phase"] != "cell"] + cells + [total]
     write_csv(sweep_dir / "plan.csv", rows)

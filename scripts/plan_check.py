@@ -1,6 +1,6 @@
 """Check the cost planner (``plan=true``) against finished runs: predicted vs measured CPU seconds on this machine.
 
-    python scripts/plan_check.py RESULTS_DIR [RESULTS_DIR ...] [--calibrate] [--out docs/speed/plan_check.csv]
+    PYTHONPATH=. python scripts/plan_check.py RESULTS_DIR [...] [--calibrate [--rates FILE]] [--out FILE.csv]
 
 Every complete run folder under the results folders (``<method>/<data>/<hash>/{summary.csv, config.yaml, DONE}``)
 is planned again from its saved config (``ood_bench.plan.plan_cell``: no data decoded, no network run) and its
@@ -14,6 +14,7 @@ calibration taken in the same conditions as the runs when the machine is loaded 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -95,12 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="results folders (paths.results_dir of the runs)")
     parser.add_argument("--calibrate", action="store_true", help="also predict with FLOP/s measured now")
+    parser.add_argument("--rates", type=Path, default=None, help="--calibrate: read the rates from / save them to")
     parser.add_argument("--out", type=Path, default=None, help="write the comparison as CSV here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    now = calibrate() if args.calibrate else None
+    now = None
+    if args.calibrate and args.rates is not None and args.rates.is_file():
+        now = {tuple(k.split("/")): v for k, v in json.loads(args.rates.read_text()).items()}
+    elif args.calibrate:
+        t0, load = time.process_time(), load_average()
+        now = calibrate()
+        print(f"calibrated in {time.process_time() - t0:.1f} CPU s, load average before: {load}")
+        if args.rates is not None:
+            args.rates.write_text(json.dumps({"/".join(k): v for k, v in now.items()}, indent=1))
     rows = []
-    for run_dir, record in runs(args.results):
+    for run_dir, record in runs([r for r in args.results if r.is_dir()]):
         cfg = OmegaConf.load(run_dir / "config.yaml")
         cell = plan.plan_cell(cfg)
         bench = predicted_seconds(cell)
