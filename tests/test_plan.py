@@ -117,3 +117,21 @@ def test_planner_errors_name_the_bad_value(tmp_path) -> None:
     cfg.model.pretrained = str(tmp_path / "absent")
     with pytest.raises(ConfigError, match="absent"):
         run(cfg)
+
+
+def test_sweep_summary_sums_the_cells_and_names_them(tmp_path) -> None:
+    probe = _mlp_probe("test_mlp_c")
+    for job, n in (("0", 10), ("1", 30)):
+        stage = plan.Stage("score", "mlp", probe, "forward", n, 2, 4)
+        cell = plan.CellPlan("lmd", "digits", f"data=digits seed={job} plan=true", {"n_id": n}, [stage])
+        plan.write_csv(tmp_path / job / "plan.csv", plan.cell_rows(cell, 0.5))
+    rows = plan.summarize_sweep(tmp_path)
+    cells = [r for r in rows if r["phase"] == "cell"]
+    sweep = rows[-1]
+    assert [c["network"] for c in cells] == ["seed=0", "seed=1"] and sweep["phase"] == "sweep"
+    flops = 2 * (8 * 16 + 16 * 4)
+    assert sweep["total_pflops"] == pytest.approx((10 + 30) * 2 * flops / 1e15)
+    assert sweep["H100_hours"] == pytest.approx(sum(c["H100_hours"] for c in cells))
+    # fp32 matrix products at H100's FP32 peak and the given utilisation
+    assert cells[0]["H100_hours"] == pytest.approx(10 * 2 * flops / (67e12 * 0.5) / 3600)
+    assert (tmp_path / "plan.csv").is_file()
