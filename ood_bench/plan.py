@@ -65,7 +65,7 @@ ACCELERATORS: dict[str, dict[str, float]] = {
 # DDPM's CIFAR-10 UNet (the architecture of model=unet_ddpm) trained at 21 steps/s of batch 128 on a TPU v3-8
 # (Ho et al. 2020, appendix B; 420 TFLOP/s bf16 peak); with this planner's 37.3 GFLOPs per training image that is
 # 21 * 128 * 37.3e9 / 420e12 = 0.24. Small-image UNets at these batch sizes sit there; override with
-# plan_utilisation=<value>.
+# +plan_utilisation=<value>.
 UTILISATION = 0.24
 
 # Published split sizes (train, test) for data that is not on disk. Offline copies may differ (the offline
