@@ -90,6 +90,8 @@ def setting_hash(identity: dict[str, Any]) -> str:
 
 def optimized_value(cfg: DictConfig, record: dict[str, Any]) -> float:
     """The value a Hydra sweeper optimises: ``optimized_metric``, or the task's headline metric when null."""
+    if cfg.get("plan"):  # plan=true: the cell's planned H100-hours (ood_bench/plan.py)
+        return float(record["H100_hours"])
     if record.get("shard_index") is not None:  # a shard run has no metrics: its merge run has them
         return float("nan")
     key = cfg.get("optimized_metric") or get_task(cfg.data).metrics[0]
@@ -121,8 +123,15 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
     """Run one (data, method, model) cell and return its results record.
 
     ``on_store`` is called with the run's ``RunStore`` once the config hash is known (the entry point uses it
-    to leave a FAILED marker in the run folder when the run fails).
+    to leave a FAILED marker in the run folder when the run fails). ``plan=true`` plans the cell instead
+    (``ood_bench/plan.py``: FLOPs, memory, hours) and runs nothing heavy.
     """
+    if cfg.get("plan"):
+        from ood_bench.plan import plan_run
+
+        with config_errors():
+            validate(cfg)
+        return plan_run(cfg)
     with config_errors():  # errors up to here are the user's: bad settings, found before any data is read
         validate(cfg)
         task = get_task(cfg.data)
