@@ -56,6 +56,8 @@ class Task(ABC):
     """One task family (``data.task``)."""
 
     name: ClassVar[str]
+    #: the ``Method.tasks`` entry a method needs to serve this task (``None``: the task's own name)
+    method_task: ClassVar[str | None] = None
     #: metric columns a sweeper may optimise (``optimized_metric``); the first is the default
     metrics: ClassVar[tuple[str, ...]]
     #: columns of the printed table and the convention printed under it
@@ -78,6 +80,11 @@ class Task(ABC):
 
         ``identity`` is the run's config identity (what its hash covers), for the keys of cached artefacts.
         """
+
+    @property
+    def serves(self) -> str:
+        """The ``Method.tasks`` entry of the methods that can run this task."""
+        return self.method_task or self.name
 
     def format(self, rows: list[Mapping[str, Any]]) -> str:
         """The printed table of ``rows`` with the task's metric convention under it."""
