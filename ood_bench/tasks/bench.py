@@ -172,8 +172,12 @@ class BenchTask(Task):
             "auroc_ci_low": headline["auroc_ci_low"],
             "auroc_ci_high": headline["auroc_ci_high"],
             **{f"auroc_{g}": by_name[g]["auroc"] for g in ("near", "far") if g in by_name},
-            **{f"auroc_{g}_ci_{e}": by_name[g][f"auroc_ci_{e}"] for g in ("near", "far") if g in by_name
-               for e in ("low", "high")},
+            **{
+                f"auroc_{g}_ci_{e}": by_name[g][f"auroc_ci_{e}"]
+                for g in ("near", "far")
+                if g in by_name
+                for e in ("low", "high")
+            },
             **{f"{m}.{k}": by_name[k][m] for k in bench.oods for m in ("auroc", "fpr95")},
             "ood_sets": ",".join(f"{k}:{g}" for k, g in bench.groups.items()),
             "id_test_scored": int(id_new),
@@ -224,8 +228,16 @@ def bench_rows(
     for key, s in s_oods.items():
         lo, hi = auroc_ci([(s_id, s)], n_boot, seed) if n_boot else (np.nan, np.nan)
         rows.append(
-            {"ood_set": key, "group": groups[key], "n_sets": 1, "n_id": len(s_id), "n_ood": len(s),
-             **ood_metrics(s_id, s), "auroc_ci_low": lo, "auroc_ci_high": hi}
+            {
+                "ood_set": key,
+                "group": groups[key],
+                "n_sets": 1,
+                "n_id": len(s_id),
+                "n_ood": len(s),
+                **ood_metrics(s_id, s),
+                "auroc_ci_low": lo,
+                "auroc_ci_high": hi,
+            }
         )
     for mean in MEANS:
         members = [r for r in rows[: len(s_oods)] if mean == "all" or r["group"] == mean]
@@ -234,10 +246,16 @@ def bench_rows(
         sets = [s_oods[r["ood_set"]] for r in members]
         lo, hi = mean_auroc_ci(s_id, sets, n_boot, seed) if n_boot else (np.nan, np.nan)
         rows.append(
-            {"ood_set": mean, "group": "mean", "n_sets": len(members), "n_id": len(s_id),
-             "n_ood": sum(r["n_ood"] for r in members),
-             **{m: float(np.mean([r[m] for r in members])) for m in METRIC_KEYS},
-             "auroc_ci_low": lo, "auroc_ci_high": hi}
+            {
+                "ood_set": mean,
+                "group": "mean",
+                "n_sets": len(members),
+                "n_id": len(s_id),
+                "n_ood": sum(r["n_ood"] for r in members),
+                **{m: float(np.mean([r[m] for r in members])) for m in METRIC_KEYS},
+                "auroc_ci_low": lo,
+                "auroc_ci_high": hi,
+            }
         )
     return rows
 
