@@ -147,10 +147,10 @@ def test_make_tables_and_figures_with_pair_bench_and_anomaly_runs(
     hydra_conf,
     tmp_path,
     brightness,
-    probe,
-    two_categories,
+    probe,  # noqa: F811
+    two_categories,  # noqa: F811
     capsys,
-    caplog,  # noqa: F811
+    caplog,
 ):
     """Issue 17 item 7: an anomaly run (scores.csv without a split column) next to OOD runs broke make figures."""
     results = tmp_path / "results"
