@@ -189,7 +189,10 @@ def build_method(cfg: dict[str, Any]) -> Method:
     target = cfg.pop("_target_", None)
     if target is None:
         if name is None:
-            raise ValueError("method.name is missing; valid: " + str(sorted(METHODS)))
+            raise ValueError(
+                f"method.name and method._target_ are both null; set method.name (valid: {sorted(METHODS)}) or "
+                f"method._target_=my_pkg.MyMethod (your own class)"
+            )
         return get_method(name)(**cfg)
     cls = method_class(target)
     method = cls(**cfg)
