@@ -174,3 +174,21 @@ def test_make_tables_and_figures_with_pair_bench_and_anomaly_runs(
     bench = pd.read_csv(results / "tables" / "bench.csv")
     assert list(bench["ood_set"]) == ["mnist", "cifar10", "textures", "near", "far", "all"]
     assert "fashionmnist_bench" not in pd.read_csv(results / "tables" / "DLSR_Table1.csv")["id_dataset"].tolist()
+
+
+def test_bench_config_hash_is_pinned_and_ignores_paths_and_bootstrap(hydra_conf, tmp_path):
+    """Benchmark results folders and caches are named by this hash: a change must be deliberate (as for pairs)."""
+    from omegaconf import OmegaConf
+
+    from ood_bench.runner import config_identity
+    from ood_bench.utils import stable_hash
+
+    def config_hash(*overrides: str) -> str:
+        cfg = hydra_conf(["method=dlsr", "data=fashionmnist_bench", *overrides], tmp_path)
+        method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+        cls = METHODS[method_cfg["name"]]
+        return stable_hash(config_identity(cfg, method_cfg, cls.uses_image_model, set(cls.runtime_keys)))
+
+    assert config_hash() == "5c8e4de3da5cd52e"
+    assert config_hash("data.bootstrap=10", "data.id.root=/elsewhere") == "5c8e4de3da5cd52e"
+    assert config_hash("data.ood_sets.textures.group=near") != "5c8e4de3da5cd52e"
