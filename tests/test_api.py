@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, shared_path
+from conftest import REPO_ROOT, shared_path, shared_weight
 
 import ood_bench as ob
 from ood_bench.api import compose, load_images
@@ -88,6 +88,8 @@ def test_score_reads_image_folders_and_refuses_bad_input(project, tmp_path):
 )
 def test_examples_run(project, script):
     """Every example script runs as written (in this process, results under a temporary project root)."""
+    if script in ("api_evaluate.py", "api_score.py"):  # DLSR's ImageNet AlexNet: skipped without the offline file
+        shared_weight("alexnet_features_imagenet.pth")
     if script == "api_evaluate.py":
         shared_path("FashionMNIST")  # skipped without the offline copy
     out = runpy.run_path(str(EXAMPLES / script), run_name="__main__")
