@@ -87,7 +87,7 @@ def test_score_reads_image_folders_and_refuses_bad_input(project, tmp_path):
     "script",
     [
         "api_plugin.py",
-        pytest.param("api_score.py", marks=pytest.mark.slow),  # DLSR trains twice: ~5 s alone, 28 s on a busy CPU
+        pytest.param("api_score.py", marks=pytest.mark.slow),  # DLSR trains twice (28 s on the busy 2-core CPU)
         pytest.param("api_evaluate.py", marks=pytest.mark.slow),
     ],
 )
