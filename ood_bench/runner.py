@@ -111,8 +111,8 @@ def run_precision(method: Method, model_cfg: dict[str, Any]) -> dict[str, str]:
 
 def check_task(task: Task, method: Method, data_name: str) -> None:
     """Refuse a method that does not serve the data's task, naming both and the methods that would."""
-    if task.name not in method.tasks:
-        serving = sorted(name for name, cls in METHODS.items() if task.name in cls.tasks and not name.startswith("_"))
+    if task.serves not in method.tasks:
+        serving = sorted(name for name, cls in METHODS.items() if task.serves in cls.tasks and not name.startswith("_"))
         raise ValueError(
             f"method.name={method.name!r} serves the task(s) {list(method.tasks)}, but data={data_name!r} is "
             f"'{task.name}' data (data.task); methods for the {task.name} task: {serving}"

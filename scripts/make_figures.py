@@ -19,7 +19,7 @@ import pandas as pd
 
 from ood_bench.figures.ood import HIST_PNG, ROC_PNG, auroc_vs_cost, write_score_figures
 from ood_bench.report import cost_points, load_runs, summarise
-from ood_bench.report.tables import run_dir
+from ood_bench.report.tables import is_anomaly, run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("make_figures")
@@ -37,11 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", err)
         return 1
     out = args.out or args.results / "figures"
-    points = cost_points(summarise(runs, args.results, n_boot=0))
-    out.mkdir(parents=True, exist_ok=True)
-    points.to_csv(out / "auroc_vs_cost.csv", index=False)
-    for cost in ("nfe", "seconds"):
-        log.info("written: %s", auroc_vs_cost(points, out / f"auroc_vs_{cost}.png", cost=cost))
+    n_anomaly = int(is_anomaly(runs).sum())
+    runs = runs[~is_anomaly(runs)]  # AUROC against cost and ROC curves are OOD figures (anomaly runs draw their own)
+    points = cost_points(summarise(runs, args.results, n_boot=0)) if len(runs) else pd.DataFrame()
+    if len(points):
+        out.mkdir(parents=True, exist_ok=True)
+        points.to_csv(out / "auroc_vs_cost.csv", index=False)
+        for cost in ("nfe", "seconds"):
+            log.info("written: %s", auroc_vs_cost(points, out / f"auroc_vs_{cost}.png", cost=cost))
     added = 0
     for _, row in runs.iterrows():
         folder = run_dir(args.results, row)
@@ -49,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             write_score_figures(folder, pd.read_csv(folder / "scores.csv"), row.to_dict())
             added += 1
     log.info(
-        "%d settings plotted from %d runs; ROC and histograms added to %d run folders", len(points), len(runs), added
+        "%d settings plotted from %d runs; ROC and histograms added to %d run folders; %d anomaly runs left out",
+        len(points),
+        len(runs),
+        added,
+        n_anomaly,
     )
     return 0
 

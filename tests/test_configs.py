@@ -47,6 +47,12 @@ def check_data(data) -> None:
     assert isinstance(data.image_size, int) and data.image_size >= 8
     assert data.channels in (1, 3)
     task = get_task(data)
+    if task.name == "bench":  # one ID source against named OOD sets, each near or far
+        assert issubclass(get_class(data.id._target_), Source) and data.ood_sets
+        for entry in data.ood_sets.values():
+            assert issubclass(get_class(entry.source._target_), Source) and entry.group in ("near", "far")
+        assert data.resize_protocol in PROTOCOLS
+        return
     if task.name == "ood":
         for side in ("id", "ood"):
             target = get_class(data[side]._target_)
@@ -124,9 +130,14 @@ def test_data_sources_instantiate_lazily(hydra_conf, tmp_path, choice):
                 assert DOWNLOADS[src.archive].url in str(err.value) and DOWNLOADS[src.archive].sha256 in str(err.value)
         assert not empty.exists()
         return
-    for side in ("id", "ood"):
-        src = instantiate(cfg.data[side])
-        assert isinstance(src, Source) and src.name == cfg.data[side].name
+    sides = (
+        [cfg.data.id, cfg.data.ood]
+        if "ood" in cfg.data
+        else [cfg.data.id, *(e.source for e in cfg.data.ood_sets.values())]
+    )
+    for side_cfg in sides:
+        src = instantiate(side_cfg)
+        assert isinstance(src, Source) and src.name == side_cfg.name
         assert src.describe()["name"] == src.name
         if isinstance(src, DigitsSource):
             assert len(src.labels("test")) > 0
@@ -151,7 +162,8 @@ def build_method_or_skip(cfg, weights_dir: Path):
         pytest.skip(f"method {cfg.method.name} needs a file absent here: {err}")
 
 
-@pytest.mark.parametrize("choice", choices("method"))
+# `custom` is your own class (method._target_): composed, built and run in tests/test_api.py
+@pytest.mark.parametrize("choice", [c for c in choices("method") if c != "custom"])
 def test_method_config_composes_and_builds(hydra_conf, tmp_path, choice, weights_dir_with_b4):
     cfg = hydra_conf([f"method={choice}"], tmp_path)
     if "ood" not in METHODS[cfg.method.name].tasks:  # an anomaly-only method composes with anomaly data

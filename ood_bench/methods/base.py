@@ -13,8 +13,10 @@ serve several categories; ``ctx.data_meta["categories"]`` names them).
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -141,15 +143,63 @@ def register(name: str):
     return deco
 
 
+ENTRY_POINT_GROUP = "ood_bench.methods"
+
+
 def get_method(name: str) -> type[Method]:
-    """The class registered under ``name``; a clear error lists the valid names otherwise."""
-    if name not in METHODS:
-        raise KeyError(f"method.name={name!r} is not registered; valid: {sorted(METHODS)}")
-    return METHODS[name]
+    """The class registered under ``name``, or the one an installed package publishes under that name in the entry
+    point group ``ood_bench.methods``; a clear error lists the valid names otherwise."""
+    if name in METHODS:
+        return METHODS[name]
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if found:
+        return _method_class(found[0].load(), f"entry point {ENTRY_POINT_GROUP}:{name}")
+    plugins = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    raise KeyError(
+        f"method.name={name!r} is not registered; valid: {sorted(METHODS)}"
+        + (f", or from installed packages: {plugins}" if plugins else "")
+        + " (your own class: method=custom method._target_=my_pkg.MyMethod)"
+    )
+
+
+def _method_class(obj: Any, where: str) -> type[Method]:
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise TypeError(f"{where} is {obj!r}, not a subclass of ood_bench.methods.Method")
+    return obj
+
+
+def method_class(target: str) -> type[Method]:
+    """The class a ``method._target_`` names (``my_pkg.MyMethod``, importable from ``sys.path``)."""
+    module, _, attr = str(target).rpartition(".")
+    if not module:
+        raise ValueError(f"method._target_={target!r} is not valid; use a dotted path such as my_pkg.MyMethod")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"method._target_={target!r} cannot be imported ({err}); its module must be on sys.path "
+            f"(installed, PYTHONPATH, or the working directory)"
+        ) from err
+    return _method_class(obj, f"method._target_={target!r}")
 
 
 def build_method(cfg: dict[str, Any]) -> Method:
-    """Instantiate a method from its config: ``name`` picks the class, the other keys are its arguments."""
+    """Instantiate a method from its config: ``name`` picks the registered class, the other keys are its arguments.
+
+    With ``_target_`` (a dotted path to a ``Method`` subclass outside the package) that class is built instead; its
+    ``name`` is ``cfg["name"]`` when set, else the class's own ``name`` attribute, else its class name.
+    """
     cfg = dict(cfg)
-    name = cfg.pop("name")
-    return get_method(name)(**cfg)
+    name = cfg.pop("name", None)
+    target = cfg.pop("_target_", None)
+    if target is None:
+        if name is None:
+            raise ValueError(
+                f"method.name and method._target_ are both null; set method.name (valid: {sorted(METHODS)}) or "
+                f"method._target_=my_pkg.MyMethod (your own class)"
+            )
+        return get_method(name)(**cfg)
+    cls = method_class(target)
+    method = cls(**cfg)
+    method.name = name or getattr(cls, "name", None) or cls.__name__
+    return method

@@ -45,3 +45,41 @@ def auroc_ci(
     mean = np.mean([auroc_replicates(s_id, s_ood, n_boot, seed) for s_id, s_ood in runs], axis=0)
     low, high = np.quantile(mean, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(low), float(high)
+
+
+def mean_auroc_replicates(
+    s_id: np.ndarray, s_oods: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """Replicates of the mean AUROC over several OOD sets scored against one ID set (a benchmark's near, far and
+    all means): each replicate draws one ID resample, shared by every set, and an independent resample per set."""
+    s_id = np.asarray(s_id, dtype=np.float64)
+    if not len(s_oods):
+        raise ValueError("no OOD sets to average")
+    n0 = len(s_id)
+    rng = np.random.default_rng(seed)
+    id_draws = rng.integers(0, n0, (n_boot, n0)) if n0 else None
+    total = np.zeros(n_boot)
+    for s_ood in s_oods:
+        s_ood = np.asarray(s_ood, dtype=np.float64)
+        n1 = len(s_ood)
+        if n0 == 0 or n1 == 0:
+            raise ValueError(f"need ID and OOD scores, got {n0} ID and {n1} OOD")
+        ood_draws = rng.integers(0, n1, (n_boot, n1))
+        per_chunk = max(1, CHUNK_ELEMENTS // (n0 + n1))
+        for start in range(0, n_boot, per_chunk):
+            rows = slice(start, min(start + per_chunk, n_boot))
+            x = np.concatenate([s_id[id_draws[rows]], s_ood[ood_draws[rows]]], axis=1)
+            ranks = rankdata(x, axis=1)
+            total[rows] += (ranks[:, n0:].sum(axis=1) - n1 * (n1 + 1) / 2) / (n0 * n1)
+    return total / len(s_oods)
+
+
+def mean_auroc_ci(
+    s_id: np.ndarray, s_oods: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile ``level`` interval of the mean AUROC over ``s_oods`` (see ``mean_auroc_replicates``)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must lie in (0, 1)")
+    reps = mean_auroc_replicates(s_id, s_oods, n_boot, seed)
+    low, high = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(low), float(high)

@@ -9,6 +9,8 @@
   brackets, and the deviations its experiment overlay declared (``deviations`` in the results row) are footnotes.
   Such a row is never presented as a reproduction.
 * Settings that match no paper row go to the ``ours`` table.
+* Benchmark runs (``task`` = ``bench``) go to their own ``bench`` table: a row per OOD set and the near, far and all
+  means, from each run's ``rows.csv``.
 * Anomaly-detection runs (rows with ``image_auroc``) go to their own ``anomaly`` table: each run already holds the
   mean and std over its shot seeds (and categories), printed with the anomaly metric convention.
 
@@ -114,8 +116,13 @@ def load_runs(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
     anomaly_cols = (*ANOMALY_METRICS, *(f"{m}_std" for m in ANOMALY_METRICS))
     for col in (*NUMERIC, *anomaly_cols):  # "" (a column another kind of run does not have) becomes NaN
         if col in runs:
-            runs[col] = pd.to_numeric(runs[col].replace("", np.nan))
+            runs[col] = _numeric(runs[col])
     return runs
+
+
+def _numeric(column: pd.Series) -> pd.Series:
+    """A results column as numbers: empty cells and ``nan`` (a std over one shot seed) become NaN."""
+    return pd.to_numeric(column.replace({"": np.nan, "nan": np.nan, "NaN": np.nan}))
 
 
 def load_paper(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -135,9 +142,18 @@ def run_dir(results_dir: str | os.PathLike[str], row: Mapping[str, Any]) -> Path
     return Path(results_dir) / str(row["method"]) / str(row["data"]) / str(row["config_hash"])
 
 
+def is_anomaly(runs: pd.DataFrame) -> pd.Series:
+    """Which rows of ``runs`` are anomaly-detection runs (they have ``image_auroc``; OOD rows leave it empty)."""
+    return runs["image_auroc"].notna() if "image_auroc" in runs else pd.Series(False, index=runs.index)
+
+
 def _scores(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """ID and OOD scores of an OOD run folder; ``None`` without ``scores.csv`` or without its ``split`` column
+    (an anomaly run's per-image scores have no ID/OOD split)."""
     path = folder / "scores.csv"
     if not path.is_file():
+        return None
+    if "split" not in pd.read_csv(path, nrows=0).columns:
         return None
     frame = pd.read_csv(path, usecols=["split", "score"])
     split, score = frame["split"].astype(str).to_numpy(), frame["score"].to_numpy(dtype=np.float64)
@@ -431,8 +447,10 @@ def build_tables(
     runs = load_runs(results_dir)
     if method is not None:
         runs = runs[runs["method"].str.lower() == method.lower()]
-    is_anomaly = runs["image_auroc"].notna() if "image_auroc" in runs else pd.Series(False, index=runs.index)
-    anomaly, runs = runs[is_anomaly], runs[~is_anomaly]
+    anomaly_rows = is_anomaly(runs)
+    anomaly, runs = runs[anomaly_rows], runs[~anomaly_rows]
+    bench_rows = is_bench(runs)
+    benches, runs = runs[bench_rows], runs[~bench_rows]
     paper = load_paper(paper_csv)
     summary = summarise(runs, results_dir, n_boot=n_boot, seed=seed) if len(runs) else pd.DataFrame()
     tables, missing = [], []
@@ -444,9 +462,62 @@ def build_tables(
             tables.append(built)
     if len(summary) and (ours := ours_table(summary, paper)) is not None:
         tables.append(ours)
+    if len(benches):
+        tables.append(bench_table(benches, results_dir))
     if len(anomaly):
         tables.append(anomaly_table(anomaly))
     return tables, missing
+
+
+def is_bench(runs: pd.DataFrame) -> pd.Series:
+    """Which rows of ``runs`` are benchmark runs (``task`` = ``bench``: one ID set against several OOD sets)."""
+    return runs["task"].eq("bench") if "task" in runs else pd.Series(False, index=runs.index)
+
+
+def bench_rows(runs: pd.DataFrame, results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The full tables (``rows.csv``) of benchmark runs: a row per OOD set, then the near, far and all means."""
+    frames = []
+    for _, r in runs.iterrows():
+        path = run_dir(results_dir, r) / "rows.csv"
+        if path.is_file():
+            frame = read_csv_text(path)
+            frame["config_hash"] = r["config_hash"]
+            frames.append(frame)
+        else:
+            log.warning("benchmark run %s has no rows.csv: left out of the bench table", run_dir(results_dir, r))
+    if not frames:
+        return pd.DataFrame()
+    rows = pd.concat(frames, ignore_index=True)
+    for col in ("n_id", "n_ood", "n_sets", *METRICS, "auroc_ci_low", "auroc_ci_high"):
+        if col in rows:
+            rows[col] = _numeric(rows[col])
+    return rows
+
+
+def bench_table(runs: pd.DataFrame, results_dir: str | os.PathLike[str]) -> Table:
+    """One row per benchmark run and OOD set, then its near / far / all means, each with its AUROC interval."""
+    rows = bench_rows(runs, results_dir)
+    cols = ["method", "data", "ood_set", "group", "n_id", "n_ood", *METRICS, "auroc_ci_low", "auroc_ci_high"]
+    data = rows[[c for c in [*cols, "config_hash"] if c in rows]] if len(rows) else pd.DataFrame(columns=cols)
+    display = pd.DataFrame(
+        [
+            {
+                "method": r["method"],
+                "data": r["data"],
+                "OOD set": r["ood_set"],
+                "group": r["group"],
+                "AUROC": _pct(r["auroc"]),
+                "95% CI": _ci_cell(
+                    {"auroc_ci_low": r.get("auroc_ci_low"), "auroc_ci_high": r.get("auroc_ci_high")}, "auroc"
+                ),
+                "FPR95": _pct(r["fpr95"]),
+                "n ID/OOD": f"{int(r['n_id'])}/{int(r['n_ood'])}",
+            }
+            for _, r in data.iterrows()
+        ]
+    )
+    title = "Benchmarks: one ID set against several OOD sets (%, near / far / all = mean over the sets)"
+    return Table("bench", title, data.reset_index(drop=True), display)
 
 
 ANOMALY_SHOWN = {
@@ -463,7 +534,7 @@ def anomaly_table(runs: pd.DataFrame) -> Table:
     runs = runs.copy()
     for col in (*ANOMALY_METRICS, *(f"{m}_std" for m in ANOMALY_METRICS), "k_shot", "n_test"):
         if col in runs:
-            runs[col] = pd.to_numeric(runs[col].replace("", np.nan))
+            runs[col] = _numeric(runs[col])
     keys = ["method", "data", "k_shot", "mode", "n_test"]
     data = runs[[c for c in [*keys, *ANOMALY_METRICS, *(f"{m}_std" for m in ANOMALY_METRICS), "seconds"] if c in runs]]
     display = pd.DataFrame(

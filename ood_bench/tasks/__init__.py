@@ -1,5 +1,6 @@
 """Task families, picked by the data config's ``task`` key: ``ood`` (ID/OOD pairs; the default when the key is
-absent, so OOD configs and their hashes are unchanged) and ``anomaly`` (few-shot anomaly detection)."""
+absent, so OOD configs and their hashes are unchanged), ``bench`` (one ID set against several OOD sets) and
+``anomaly`` (few-shot anomaly detection)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 from ood_bench.tasks.anomaly import AnomalyTask
 from ood_bench.tasks.base import Task, TaskResult
+from ood_bench.tasks.bench import BenchTask
 from ood_bench.tasks.ood import OodTask
 
-TASKS: dict[str, Task] = {"ood": OodTask(), "anomaly": AnomalyTask()}
+TASKS: dict[str, Task] = {"ood": OodTask(), "bench": BenchTask(), "anomaly": AnomalyTask()}
 
 
 def get_task(data_cfg: Mapping[str, Any]) -> Task:
@@ -21,4 +23,4 @@ def get_task(data_cfg: Mapping[str, Any]) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "AnomalyTask", "OodTask", "Task", "TaskResult", "get_task"]
+__all__ = ["TASKS", "AnomalyTask", "BenchTask", "OodTask", "Task", "TaskResult", "get_task"]

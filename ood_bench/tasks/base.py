@@ -58,6 +58,8 @@ class Task(ABC):
     """One task family (``data.task``)."""
 
     name: ClassVar[str]
+    #: the ``Method.tasks`` entry a method needs to serve this task (``None``: the task's own name)
+    method_task: ClassVar[str | None] = None
     #: metric columns a sweeper may optimise (``optimized_metric``); the first is the default
     metrics: ClassVar[tuple[str, ...]]
     #: columns of the printed table and the convention printed under it
@@ -88,6 +90,11 @@ class Task(ABC):
         Every fit and score goes through ``scoring`` (the whole cell, a shard, or the merge of the shards); a
         shard run (``scoring.partial``) returns ``None``: its scores are in the cache, its merge has the metrics.
         """
+
+    @property
+    def serves(self) -> str:
+        """The ``Method.tasks`` entry of the methods that can run this task."""
+        return self.method_task or self.name
 
     def format(self, rows: list[Mapping[str, Any]]) -> str:
         """The printed table of ``rows`` with the task's metric convention under it."""
