@@ -177,8 +177,10 @@ class ScoreResult:
 
 def load_images(images: Any, name: str) -> torch.Tensor:
     """Float ``[N,C,H,W]`` in ``[0,1]`` from a tensor or array (``[N,H,W]``, ``[N,H,W,C]`` or ``[N,C,H,W]``; uint8
-    0-255 or float 0-1) or an image folder (every image below it, sorted; class sub-folders allowed)."""
+    0-255 or float 0-1), a pair's lazy ``ImageSet`` or an image folder (every image below it, sorted; class
+    sub-folders allowed)."""
     from ood_bench.data import ImageFolderSource
+    from ood_bench.data.imageset import ImageSet
 
     if isinstance(images, str | os.PathLike):
         folder = Path(images).resolve()
@@ -187,6 +189,8 @@ def load_images(images: Any, name: str) -> torch.Tensor:
         src = ImageFolderSource(name, folder=str(folder), root="/", test_fraction=1.0)
         x, _ = src.load("test", np.arange(len(src.labels("test"))))
         return x.float().div_(255.0)
+    if isinstance(images, ImageSet):  # a split of a pair (lazy): its prepared float images
+        images = images.materialize()
     x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images.detach().cpu()
     if x.ndim == 3:
         x = x[:, None]

@@ -52,7 +52,7 @@ def test_evaluate_runs_the_runner_and_equals_score_on_the_same_images(project):
     assert (project / "results" / "pixel_knn" / "digits" / row["config_hash"] / "DONE").is_file()
 
     pair: Pair = load_pair(compose(["data=digits"]).data)  # the same images, handed to score() as arrays
-    arrays = [s.images.numpy() for s in (pair.id_train, pair.id_test, pair.ood_test)]
+    arrays = [s.images.materialize().numpy() for s in (pair.id_train, pair.id_test, pair.ood_test)]
     direct = ob.score(PixelKNN, *arrays, k=3)
     assert direct["auroc"] == table["auroc"].iloc[0] and direct.method == "pixel_knn"
     assert (

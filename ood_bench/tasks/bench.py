@@ -23,11 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood_bench.data.bench import GROUPS, Bench, build_bench
 from ood_bench.data.transforms import PROTOCOLS
+from ood_bench.errors import UserError
 from ood_bench.figures.ood import write_score_figures
 from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics import CONVENTION, ood_metrics
 from ood_bench.metrics.bootstrap import auroc_ci, mean_auroc_ci
 from ood_bench.tasks.base import Task, TaskResult, extra_columns
+from ood_bench.tasks.ood import RUNTIME_DATA_KEYS
+from ood_bench.tasks.shards import WHOLE, Scoring
 from ood_bench.utils import stable_hash, tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,8 @@ class BenchTask(Task):
     def data_identity(self, data: DictConfig) -> dict[str, Any]:
         ident = OmegaConf.to_container(data, resolve=True)
         ident.pop("bootstrap", None)  # the intervals' resamples do not change the scores
+        for key in RUNTIME_DATA_KEYS:  # how images are decoded (workers, in memory) does not change them either
+            ident.pop(key, None)
         drop = ("root", "download", "on_bad_file")
         ident["id"] = {k: v for k, v in ident["id"].items() if k not in drop}
         for entry in ident["ood_sets"].values():
@@ -113,8 +118,19 @@ class BenchTask(Task):
         return ident
 
     def run(
-        self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
+        self,
+        cfg: DictConfig,
+        method: Method,
+        build: Callable[[], Method],
+        ctx: Context,
+        identity: dict[str, Any],
+        scoring: Scoring = WHOLE,
     ) -> TaskResult:
+        if scoring is not WHOLE:  # a benchmark caches each split's scores itself; shards are per pair for now
+            raise UserError(
+                f"shard.* is not supported for a benchmark (data={cfg.data.name!r}); run it whole, or shard the "
+                f"pairs it is made of (data=<id>_<ood>)"
+            )
         bench = load_bench(cfg.data)
         ctx = replace(ctx, data_meta=bench.meta)
         timing = {"fit": 0.0, "score": 0.0, "scored_images": 0}
