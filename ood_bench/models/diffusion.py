@@ -321,7 +321,8 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
         log.warning(
             "model.pretrained=%s is a score-SDE model trained on the subVP-SDE (scripts/convert_score_sde.py): its "
             "time input is 999 t and its noisy inputs follow subVP marginals (std 1 - abar), not the discrete VP "
-            "schedule the DDPM/DDIM samplers use; their results with it are approximate (docs/deviations.md L1)",
+            "schedule the DDPM/DDIM samplers use; method.sampler=subvp_em samples it as the official code "
+            "(docs/deviations.md L1)",
             ref,
         )
     return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
