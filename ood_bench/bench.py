@@ -215,6 +215,29 @@ register_case(
 )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Streaming: decoding throughput of a case's data against the method's own images/s
+# --------------------------------------------------------------------------------------------------------------
+
+
+def decode_rate(data_cfg: DictConfig, num_workers: int, batch_size: int = 64, limit: int = 2048) -> dict[str, Any]:
+    """Images/s of decoding and resizing (``ImageSet.batches`` through its DataLoader) the first ``limit`` ID
+    training images of ``data_cfg`` with ``num_workers`` workers, in wall seconds (worker start-up included)."""
+    import numpy as np
+
+    from ood_bench.tasks.ood import load_pair
+
+    with open_dict(data_cfg):
+        data_cfg.num_workers = num_workers
+    images = load_pair(data_cfg).id_train.images
+    images = images.subset(np.arange(min(limit, len(images))))
+    t0, n = time.perf_counter(), 0
+    for x in images.batches(batch_size):
+        n += len(x)
+    seconds = time.perf_counter() - t0
+    return {"num_workers": num_workers, "decoded": n, "decode_s": round(seconds, 3), "decode_images_per_s": n / seconds}
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())

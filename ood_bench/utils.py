@@ -51,7 +51,10 @@ def file_sha256(path: str | os.PathLike[str], length: int = 16) -> str:
 
 
 def tensor_fingerprint(t: torch.Tensor, length: int = 16) -> str:
-    """Content hash of a tensor (shape, dtype and bytes)."""
+    """Content hash of a tensor (shape, dtype and bytes); a lazy ``ImageSet`` hashes its rows chunk by chunk to the
+    same digest as its materialised tensor."""
+    if not isinstance(t, torch.Tensor) and hasattr(t, "fingerprint"):
+        return t.fingerprint(length)
     h = hashlib.sha256()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
     h.update(t.detach().cpu().contiguous().numpy().tobytes())

@@ -13,6 +13,11 @@ sampling loops, distances, kNN, metrics), ``total_s`` (the whole run: data loadi
 divided by a bare forward of the same network at the same batch (``rows``) and precision (limit 1.0), both timed
 in CPU seconds on CPU (so other jobs on the cores do not skew the ratio) and in wall seconds on CUDA. Writes
 ``bench.csv`` (and ``variants.csv``) to ``--out`` and prints the table with the machine's load average.
+
+Streaming (``--workers 0,1,2``; empty to skip): for each OOD case, the images/s of decoding and resizing its ID
+training images through the lazy split's DataLoader at each ``data.num_workers``, beside the method's own images/s
+(``streaming.csv``): where decoding is slower than the method, data loading is the bottleneck (raise
+``data.num_workers``); otherwise the network is.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ood_bench.bench import CASES, BenchCase, bare_rate, clock, compose_run_config, load_average, unet_batch
+from ood_bench.bench import (
+    CASES,
+    BenchCase,
+    bare_rate,
+    clock,
+    compose_run_config,
+    decode_rate,
+    load_average,
+    unet_batch,
+)
 from ood_bench.costs import phase_cpu_seconds
 from ood_bench.utils import autocast, resolve_device
 
@@ -141,6 +155,29 @@ def _train_rate(cfg, rows: int, device: torch.device, precision: str, channels_l
     return rows / min(times)
 
 
+def streaming_rows(case: BenchCase, row: dict, root: Path, workers: list[int]) -> list[dict]:
+    """Decoding images/s of ``case``'s data at each worker count beside the method's images/s (OOD cases)."""
+    cfg = compose_run_config(CONF, list(case.overrides), root)
+    if cfg.data.get("task", "ood") != "ood":
+        return []
+    out = []
+    for w in workers:
+        rate = decode_rate(cfg.data, w)
+        method_rate = float(row["images_per_s"])
+        out.append(
+            {
+                "case": case.name,
+                "data": row["data"],
+                **rate,
+                "decode_images_per_s": round(rate["decode_images_per_s"], 1),
+                "method_images_per_s": method_rate,
+                "bottleneck": "data" if rate["decode_images_per_s"] < method_rate else "network",
+                "load_avg": load_average(),
+            }
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {list(CASES)}")
@@ -149,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--keep", type=Path, default=None, help="run folders and caches here (default: a temp dir)")
     parser.add_argument("--variants", action="store_true", help="also time the UNet by precision/layout/compile")
+    parser.add_argument("--workers", default="0,1,2", help="data.num_workers to time decoding at ('': skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
@@ -159,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
-    rows = []
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    rows, stream = [], []
     with tempfile.TemporaryDirectory(prefix="ood_bench_bench_") as tmp:
         base = args.keep or Path(tmp)
         for name in names:
             log.info("bench case %s ...", name)
             rows.append(run_case(CASES[name], base / name, args.threads, args.device))
+            stream += streaming_rows(CASES[name], rows[-1], base / name / "streaming", workers)
     args.out.mkdir(parents=True, exist_ok=True)
     if rows:
         table = pd.DataFrame(rows)
@@ -178,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(1/5/15 min) before -> after each case: " + "; ".join(f"{r['case']}: {r['load_avg']}" for r in rows)
         )
         print(f"written: {args.out / 'bench.csv'}")
+    if stream:
+        frame = pd.DataFrame(stream)
+        frame.to_csv(args.out / "streaming.csv", index=False)
+        shown = ["case", "data", "num_workers", "decoded", "decode_images_per_s", "method_images_per_s", "bottleneck"]
+        print("\nstreaming: decoding + resizing the ID training images (wall seconds, worker start-up included)")
+        print(frame[shown].to_markdown(index=False, floatfmt="g"))
+        print(f"written: {args.out / 'streaming.csv'}")
     if args.variants:
         frame = variants(resolve_device(args.device))
         frame.to_csv(args.out / "variants.csv", index=False)

@@ -55,11 +55,12 @@ def test_dlsr_fashionmnist_vs_mnist_reaches_auroc_097(tmp_path: Path, score: str
 
 @pytest.mark.parametrize(
     "data, image_floor, pixel_floor",
-    [("magnetic_tile", 0.55, 0.60), ("kolektor_sdd", 0.60, 0.72)],
+    [("magnetic_tile", 0.64, 0.62), ("kolektor_sdd", 0.70, 0.80)],
 )
 def test_patch_knn_reference_on_real_surface_defects(tmp_path: Path, data: str, image_floor, pixel_floor) -> None:
-    """The anomaly reference at its defaults (1 shot, 3 shot seeds, 200 test images): measured 0.591 / 0.625
-    (magnetic tiles) and 0.660 / 0.758 (KolektorSDD) image / pixel AUROC; the floors leave room for other BLAS."""
+    """The anomaly reference at its defaults (1 shot, 3 shot seeds, 200 test images; cosine + top 1 % + 8 flips and
+    rotations since issue 17): measured 0.676 / 0.648 (magnetic tiles) and 0.757 / 0.854 (KolektorSDD) image / pixel
+    AUROC (docs/anomaly.md); the magnetic-tile floor is issue 17's acceptance line, the others leave room for BLAS."""
     shared_path(data, "train", "good")
     shared_weight("alexnet_features_imagenet.pth")
     row = _run(tmp_path, ["method=patch_knn", f"data={data}"], minutes=10)

@@ -54,3 +54,13 @@ def test_cost_curve_rows_per_repeat_prefix_and_plot(tmp_path) -> None:
     assert curve.main(["--plot", str(csv), "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.format == "PNG"
+
+
+def test_streaming_rows_time_decoding_per_worker_count(tmp_path) -> None:
+    bench = load_script("bench")
+    case = BenchCase("tiny_digits", ("method=msp", "data=digits", "data.n_train=100"))
+    rows = bench.streaming_rows(case, {"images_per_s": 1e12, "data": "digits"}, tmp_path, [0, 1])
+    assert [r["num_workers"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["decoded"] == 100 and r["decode_images_per_s"] > 0 and r["method_images_per_s"] == 1e12
+        assert r["bottleneck"] == "data"  # nothing decodes at 1e12 images/s

@@ -330,7 +330,9 @@ def test_pair_sizes_classes_and_range(digits):
     for split in (pair.id_train, pair.id_test, pair.ood_test):
         assert split.images.dtype == torch.float32
         assert tuple(split.images.shape[1:]) == (1, 16, 16)
-        assert float(split.images.min()) >= 0.0 and float(split.images.max()) <= 1.0
+        x = split.images[:]  # a lazy ImageSet: indexing decodes the rows
+        assert x.dtype == torch.float32 and tuple(x.shape) == tuple(split.images.shape)
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
         assert len(split.labels) == len(split.indices) == len(split)
         assert len(set(split.indices.tolist())) == len(split)  # drawn without replacement
     assert set(pair.id_train.labels.tolist()) <= {0, 1, 2, 3, 4}
@@ -352,10 +354,10 @@ def test_pair_seed_determinism(digits):
     a, b, c = _digits_pair(digits, seed=0), _digits_pair(digits, seed=0), _digits_pair(digits, seed=1)
     for key in ("id_train", "id_test", "ood_test"):
         assert np.array_equal(getattr(a, key).indices, getattr(b, key).indices)
-        assert torch.equal(getattr(a, key).images, getattr(b, key).images)
+        assert torch.equal(getattr(a, key).images[:], getattr(b, key).images[:])
         assert not np.array_equal(getattr(a, key).indices, getattr(c, key).indices)
-    assert a.meta["fingerprint"] == b.meta["fingerprint"]
-    assert a.meta["fingerprint"] != c.meta["fingerprint"]
+        assert getattr(a, key).images.fingerprint() == getattr(b, key).images.fingerprint()
+        assert getattr(a, key).images.fingerprint() != getattr(c, key).images.fingerprint()
 
 
 def test_pair_invalid_inputs(digits):
@@ -378,7 +380,7 @@ def test_resize_protocol_common_min_passes_through_smallest_side(mnist, npz32):
     assert common.meta["resize_via"] == 28 and common.meta["resize_protocol"] == "common_min"
     assert direct.meta["resize_via"] == 32 and direct.meta["resize_protocol"] == "direct"
 
-    ood_c, ood_d = common.ood_test.images, direct.ood_test.images
+    ood_c, ood_d = common.ood_test.images[:], direct.ood_test.images[:]
     assert tuple(ood_c.shape) == (4, 1, 32, 32)
     # a constant image stays constant through 32 -> 28 -> 32
     for i, value in ((0, 77), (1, 200)):
@@ -388,7 +390,7 @@ def test_resize_protocol_common_min_passes_through_smallest_side(mnist, npz32):
     assert torch.equal(ood_d[2:], raw)
     assert (ood_c[2:] - raw).abs().max() > 0.05
     # the 28px side takes the same path (28 -> 32) under both protocols
-    assert torch.equal(common.id_test.images, direct.id_test.images)
+    assert torch.equal(common.id_test.images[:], direct.id_test.images[:])
     assert tuple(common.id_test.images.shape) == (8, 1, 32, 32)
 
 
@@ -401,13 +403,13 @@ def test_resize_protocol_native_keeps_each_side_at_its_own_size(mnist, npz32):
     assert pair.meta["resize_via"] is None and pair.meta["native_sizes"] == [28, 32]
     assert tuple(pair.id_test.images.shape) == (8, 3, 28, 28) and tuple(pair.ood_test.images.shape[1:]) == (3, 32, 32)
     raw = torch.from_numpy(x_test).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    assert torch.equal(pair.ood_test.images, raw)  # untouched pixels
-    assert torch.equal(pair.id_test.images[:, :1], mnist.images("test", pair.id_test.indices).float().div(255))
+    assert torch.equal(pair.ood_test.images[:], raw)  # untouched pixels
+    assert torch.equal(pair.id_test.images[:][:, :1], mnist.images("test", pair.id_test.indices).float().div(255))
 
 
 def test_channel_conversion_grey_to_rgb(mnist):
     pair = build_pair("m3", mnist, mnist, image_size=28, channels=3, n_train=4, n_id_test=4, n_ood_test=4)
-    x = pair.id_test.images
+    x = pair.id_test.images[:]
     assert tuple(x.shape) == (4, 3, 28, 28)
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
     raw = mnist.images("test", pair.id_test.indices).float().div(255)
@@ -429,7 +431,7 @@ def test_channel_conversion_rgb_to_grey_is_luma():
         n_ood_test=5,
         resize_protocol="direct",
     )
-    x = pair.ood_test.images
+    x = pair.ood_test.images[:]
     assert tuple(x.shape) == (5, 1, 32, 32)
     rgb = tex.images("test", pair.ood_test.indices).double() / 255
     luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]

@@ -10,23 +10,39 @@ import numpy as np
 import torch
 
 from ood_bench.data import transforms
+from ood_bench.data.imageset import ImageSet
 from ood_bench.data.sources import Source
 from ood_bench.errors import DataError
-from ood_bench.utils import tensor_fingerprint
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Split:
-    """Float images ``[N,C,H,W]`` in ``[0,1]``, their labels and their indices in the source split."""
+    """Images ``[N,C,H,W]`` in ``[0,1]``, their labels and their indices in the source split.
 
-    images: torch.Tensor
+    ``images`` is a lazy ``ImageSet`` (decoded batch by batch; ``images[a:b]`` is a float tensor) or, after
+    ``materialize()`` / ``data.in_memory=true``, the float tensor itself; methods accept either.
+    """
+
+    images: ImageSet | torch.Tensor
     labels: np.ndarray
     indices: np.ndarray
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def subset(self, positions: np.ndarray | list[int]) -> Split:
+        """The rows at ``positions`` (0-based positions in this split, in the given order); each row keeps its
+        source index (``indices``), so per-sample seeds and cache keys are those of the full split."""
+        pos = np.asarray(positions, dtype=np.int64)
+        images = self.images.subset(pos) if isinstance(self.images, ImageSet) else self.images[torch.from_numpy(pos)]
+        return Split(images, self.labels[pos], self.indices[pos])
+
+    def materialize(self) -> Split:
+        """The same split with its images as one float tensor (the in-memory path)."""
+        images = self.images.materialize() if isinstance(self.images, ImageSet) else self.images
+        return Split(images, self.labels, self.indices)
 
 
 @dataclass
@@ -38,6 +54,12 @@ class Pair:
     id_test: Split
     ood_test: Split
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def materialize(self) -> Pair:
+        """The same pair with every split held in memory as float tensors (``data.in_memory=true``)."""
+        return Pair(
+            self.name, self.id_train.materialize(), self.id_test.materialize(), self.ood_test.materialize(), self.meta
+        )
 
 
 def _select(
@@ -74,8 +96,13 @@ def build_pair(
     ood_classes: list[int] | None = None,
     resize_protocol: str = "common_min",
     seed: int = 0,
+    num_workers: int = 0,
 ) -> Pair:
-    """Select the subsets (seeded), decode them and apply the resize protocol to all three splits."""
+    """Select the subsets (seeded) and make each split a lazy ``ImageSet`` under the resize protocol.
+
+    Only file headers are read here (all files are decoded once when a source skips undecodable ones); images are
+    decoded when a batch is asked for, by ``num_workers`` DataLoader workers in ``ImageSet.batches``.
+    """
     if channels not in (1, 3):
         raise ValueError(f"data.channels={channels} is not valid; valid: 1 or 3")
     if image_size < 8:
@@ -86,7 +113,7 @@ def build_pair(
         "id_test": (id_source, "test", id_classes, n_id_test),
         "ood_test": (ood_source, "test", ood_classes, n_ood_test),
     }
-    raw: dict[str, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+    raw: dict[str, tuple[Source, str, tuple[int, int, int], np.ndarray, np.ndarray]] = {}
     skipped: dict[str, int] = {}
     for key, (src, split, classes, n) in sel.items():
         idx = _select(src, split, classes, n, rng)
@@ -95,16 +122,25 @@ def build_pair(
                 f"{name}: the {key} selection from {src.name} ({split} split, classes={classes}) is empty; "
                 f"check the dataset's split (test-only sets such as textures cannot be the ID side) and the classes"
             )
-        images, kept = src.load(split, idx)  # a source may skip undecodable files (on_bad_file=skip)
+        kept, shape = src.probe(split, idx)  # a source may skip undecodable files (on_bad_file=skip)
         if kept.size == 0:
             raise DataError(f"{name}: every file of the {key} selection from {src.name} was skipped as undecodable")
         skipped[key] = int(idx.size - kept.size)
-        raw[key] = (images, src.labels(split)[kept], kept)
-    native = sorted({int(x.shape[-1]) for x, _, _ in raw.values()})
+        raw[key] = (src, split, shape, src.labels(split)[kept], kept)
+    native = sorted({shape[-1] for _, _, shape, _, _ in raw.values()})
     via = transforms.common_size(native, image_size, resize_protocol)
+    for src, _, shape, _, _ in raw.values():
+        if via is not None and shape[-1] != shape[-2]:
+            raise ValueError(f"{src.name}: images must be square before the resize protocol, got {tuple(shape[-2:])}")
     splits = {
-        key: Split(transforms.prepare(x, channels=channels, size=image_size, via=via), y, idx)
-        for key, (x, y, idx) in raw.items()
+        key: Split(
+            ImageSet(
+                src, split, idx, raw_shape=shape, channels=channels, size=image_size, via=via, num_workers=num_workers
+            ),
+            y,
+            idx,
+        )
+        for key, (src, split, shape, y, idx) in raw.items()
     }
     meta = {
         "pair": name,
@@ -121,7 +157,6 @@ def build_pair(
         "n_ood": len(splits["ood_test"]),
         # undecodable files left out (on_bad_file=skip), per side of the pair
         "files_skipped": {"id": skipped["id_train"] + skipped["id_test"], "ood": skipped["ood_test"]},
-        "fingerprint": {k: tensor_fingerprint(s.images) for k, s in splits.items()},
     }
     sizes = {k: tuple(s.images.shape[-2:]) for k, s in splits.items()}
     log.info(

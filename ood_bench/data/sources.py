@@ -66,6 +66,13 @@ class Source(ABC):
         """The images of ``indices`` and the indices actually returned (a source may skip undecodable files)."""
         return self.images(split, indices), np.asarray(indices, dtype=np.int64)
 
+    def probe(self, split: str, indices: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """The samples of ``indices`` that can be read and the uint8 ``(C, H, W)`` they all decode to, without
+        decoding them all where the format allows (a lazy ``ImageSet`` is built from this); this default decodes
+        the first sample only."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return idx, tuple(int(v) for v in self.images(split, idx[:1]).shape[1:])
+
     def describe(self) -> dict:
         return {"name": self.name, "type": type(self).__name__}
 
@@ -92,6 +99,13 @@ class ArraySource(Source):
 
     def images(self, split: str, indices: Sequence[int]) -> torch.Tensor:
         return _to_nchw_uint8(self._get(split)[0][np.asarray(indices, dtype=np.int64)])
+
+    def probe(self, split: str, indices: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        shape = self._get(split)[0].shape
+        if len(shape) not in (3, 4):
+            raise ValueError(f"expected images of shape [N,H,W] or [N,H,W,C], got {shape}")
+        chw = (1, *shape[1:3]) if len(shape) == 3 else (shape[3], *shape[1:3])
+        return np.asarray(indices, dtype=np.int64), tuple(int(v) for v in chw)
 
 
 class DigitsSource(ArraySource):
@@ -280,6 +294,37 @@ class ImageFolderSource(Source):
         """The decoded images (with ``on_bad_file="skip"`` possibly fewer than ``indices``: see ``load``)."""
         return self.load(split, indices)[0]
 
+    def probe(self, split: str, indices: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Read every file's header (size and mode) to check they share one shape; under ``on_bad_file="skip"``
+        every file is decoded once (and dropped) to find the undecodable ones, which are left out."""
+        files = self._get(split)[0]
+        kept, shapes = [], {}
+        for i in indices:
+            file = files[int(i)]
+            try:
+                if self.on_bad_file == "skip":
+                    arr = self._decode(file)
+                    shape = (1 if arr.ndim == 2 else arr.shape[2], *arr.shape[:2])
+                else:
+                    try:
+                        with Image.open(file) as im:
+                            shape = (1 if im.mode in ("L", "I;16", "1") else 3, im.size[1], im.size[0])
+                    except (UnidentifiedImageError, OSError, SyntaxError):
+                        self._decode(file)  # raises BadImageError naming the file and the policy
+                        raise
+            except BadImageError as err:
+                if self.on_bad_file == "fail":
+                    raise
+                log.warning("%s: skipping undecodable file %s (%s)", self.name, file, err.__cause__)
+                self.skipped.append(file)
+                continue
+            shapes.setdefault(shape, file)
+            kept.append(int(i))
+        if len(shapes) > 1:
+            raise DataError(f"{self.name}: images differ in size/channels {sorted(shapes)[:3]}; resize them first")
+        shape = next(iter(shapes)) if shapes else (3, 1, 1)
+        return np.asarray(kept, dtype=np.int64), tuple(int(v) for v in shape)
+
 
 class NpzSource(ArraySource):
     """Arrays in ``<root>/<file>``: keys ``x_train, y_train, x_test, y_test`` (uint8 ``[N,H,W(,C)]``).
@@ -384,6 +429,11 @@ class TorchvisionSource(ArraySource):
         if self._fallback_ready():
             return self.fallback.images(split, indices)
         return super().images(split, indices)
+
+    def probe(self, split: str, indices: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+        if self._fallback_ready():
+            return self.fallback.probe(split, indices)
+        return super().probe(split, indices)
 
     def describe(self) -> dict:
         d = super().describe()

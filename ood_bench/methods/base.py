@@ -1,6 +1,7 @@
 """The method contract and the registry that maps names to method classes.
 
-A method never opens result files or talks to W&B. It receives images (float ``[N,C,H,W]`` in ``[0,1]``),
+A method never opens result files or talks to W&B. It receives images (float ``[N,C,H,W]`` in ``[0,1]``, or a lazy
+``ImageSet`` of such rows when it sets ``lazy_images``),
 optionally their integer labels, and a ``Context`` (device, cache, seeds, model settings) and returns ``Scores``
 where a higher value means "more OOD" (or, for anomaly detection, "more anomalous"). A method whose natural
 score is a similarity negates it inside ``score``.
@@ -75,6 +76,10 @@ class Method(ABC):
     uses_image_model: ClassVar[bool] = False
     #: whether the method uses the classifier of the ``classifier`` config group (then it joins the config hash)
     uses_classifier: ClassVar[bool] = False
+    #: whether ``fit``/``score`` accept a lazy ``ImageSet`` (``len``, ``shape``, indexing ``images[a:b]`` /
+    #: ``images[idx]`` to float tensors, ``iter_batches``) instead of a float tensor; other methods get the splits
+    #: materialised in memory
+    lazy_images: ClassVar[bool] = False
     #: constructor arguments that do not change the numbers (left out of the config hash)
     runtime_keys: ClassVar[tuple[str, ...]] = ("batch_size", "weights_dir")
 

@@ -42,6 +42,8 @@ def baseline_scores(name: str, logits: torch.Tensor, temperature: float = 1.0) -
 class ClassifierMethod(Method):
     """A method built on the classifier of the ``classifier`` config group."""
 
+    lazy_images = True
+
     uses_classifier = True
 
     def __init__(self, batch_size: int = 256) -> None:

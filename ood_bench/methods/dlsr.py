@@ -29,6 +29,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from ood_bench.costs import phase
+from ood_bench.data.imageset import iter_batches
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.encoders import FeatureEncoder, check_encoder_name
 from ood_bench.models.lfdn import (
@@ -82,6 +83,8 @@ def mse(rec: torch.Tensor, orig: torch.Tensor, reduction: str = "sum") -> torch.
 @register("dlsr")
 class DLSR(Method):
     """Multi-layer ImageNet features, an MLP feature diffusion, reconstruction distance as the score."""
+
+    lazy_images = True
 
     uses_image_model = False
     runtime_keys = ("batch_size", "weights_dir")
@@ -221,8 +224,10 @@ class DLSR(Method):
     def _extract(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         enc = self.encoder.to(ctx.device)
         out = []
-        for i in tqdm(range(0, len(images), self.batch_size), desc="features", disable=not ctx.progress, leave=False):
-            out.append(enc(images[i : i + self.batch_size].to(ctx.device)).float().cpu())
+        total = -(-len(images) // self.batch_size)
+        batches = iter_batches(images, self.batch_size, ctx.device)
+        for x in tqdm(batches, total=total, desc="features", disable=not ctx.progress, leave=False):
+            out.append(enc(x).float().cpu())
         if not out:
             return torch.zeros(0, self.encoder.dim)
         return torch.cat(out)

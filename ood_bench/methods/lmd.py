@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ood_bench.costs import phase
+from ood_bench.data.imageset import iter_batches
 from ood_bench.distances import DISTANCES, Distance, build_distance
 from ood_bench.distances.lpips import NETS as LPIPS_NETS
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
@@ -41,6 +42,8 @@ INPAINT_VERSION = 1  # bump when the sampler changes its numbers
 @register("lmd")
 class LMD(Method):
     """Checkerboard masking, replacement inpainting, perceptual distance, median over repeats."""
+
+    lazy_images = True
 
     uses_image_model = True
     runtime_keys = ("batch_size", "eval_batch", "weights_dir")
@@ -150,9 +153,9 @@ class LMD(Method):
             _check_size(size, self.image_size)
         indices = np.arange(n) if indices is None else np.asarray(indices)
         dists = np.zeros((n, self.reps), dtype=np.float64)
-        batches = range(0, n, self.batch_size)
-        for start in tqdm(batches, desc="LMD inpaint", disable=not ctx.progress, dynamic_ncols=True):
-            x = images[start : start + self.batch_size].to(ctx.device)
+        batches = zip(range(0, n, self.batch_size), iter_batches(images, self.batch_size, ctx.device), strict=True)
+        total = -(-n // self.batch_size)
+        for start, x in tqdm(batches, total=total, desc="LMD inpaint", disable=not ctx.progress, dynamic_ncols=True):
             recons = self.batch_inpaintings(x, indices[start : start + self.batch_size], ctx)
             for r, recon in enumerate(recons):
                 dists[start : start + len(x), r] = self.distance(x, recon).double().cpu().numpy()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.data.imageset import iter_batches
 from ood_bench.data.transforms import set_channels
 from ood_bench.utils import stable_hash, tensor_fingerprint
 
@@ -190,7 +191,7 @@ class Classifier(nn.Module):
     def logits(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Logits of many images (``[0, 1]``, any device), batched, on the classifier's device."""
         device = self.mean.device
-        return torch.cat([self(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)])
+        return torch.cat([self(x) for x in iter_batches(images, batch_size, device)])
 
     def class_index(self, labels: np.ndarray) -> np.ndarray:
         """Logit index of each dataset label; -1 where the classifier has no such class."""

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
 from ood_bench.convert.score_sde import DDPMArch, sde_info
+from ood_bench.data.imageset import Prefetcher
 from ood_bench.errors import WeightsNotFoundError
 from ood_bench.models.subvp import TIME_LABEL_SCALE, TRAIN_EPS, SubVPSDE
 from ood_bench.utils import PRECISIONS, atomic_path, autocast, check_precision, tensor_fingerprint
@@ -182,8 +183,8 @@ def _train_unet(
     precision = tcfg.get("precision", "fp32")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 gradients underflow without it
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
-    data = images.mul(2).sub(1)
-    n, bs, steps = data.shape[0], int(tcfg["batch_size"]), int(tcfg["steps"])
+    # each step reads only its batch (a lazy ImageSet decodes just those rows) and maps it to [-1, 1]
+    n, bs, steps = images.shape[0], int(tcfg["batch_size"]), int(tcfg["steps"])
     n_params = sum(p.numel() for p in unet.parameters())
     log.info(
         "training UNet (%.2f M params) on %d images: %d steps of batch %d on %s", n_params / 1e6, n, steps, bs, device
@@ -208,9 +209,10 @@ def _train_unet(
     unet.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train diffusion", disable=not progress)
+    prefetch = Prefetcher(images)  # a lazy split decodes the next batch while this one trains
     for step in bar:
         idx = torch.randint(0, n, (bs,), generator=gen)
-        x0 = data[idx]
+        x0 = prefetch.get(idx).mul(2).sub(1)
         if tcfg.get("hflip"):
             flip = torch.rand(bs, generator=gen) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
@@ -224,6 +226,9 @@ def _train_unet(
         if cond:  # labels, each replaced by the null class with probability label_dropout (for CFG)
             drop = torch.rand(bs, generator=gen) < float(cond["label_dropout"])
             y = torch.where(drop, torch.full_like(labels[idx], null_class), labels[idx]).to(device)
+        if step + 1 < steps:  # the next step's indices, drawn from a copy: the generator's stream is unchanged
+            peek = torch.Generator().set_state(gen.get_state())
+            prefetch.ahead(torch.randint(0, n, (bs,), generator=peek))
         with autocast(device, precision, key="model.train.precision"):
             if subvp is None:
                 pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
@@ -261,6 +266,7 @@ def _train_unet(
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             with atomic_path(state_file) as tmp:
                 torch.save(state, tmp)
+    prefetch.close()
     ema.copy_to(unet.parameters())
     if subvp is not None:  # what the network's time input and output mean, as a converted score_sde model
         arch = DDPMArch(

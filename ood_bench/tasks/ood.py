@@ -20,9 +20,12 @@ from ood_bench.metrics import CONVENTION, ood_metrics
 from ood_bench.results import TABLE_COLUMNS
 from ood_bench.tasks.base import Task, TaskResult, extra_columns
 
+#: data settings that change how images are read, never their values (left out of the config hash)
+RUNTIME_DATA_KEYS = ("num_workers", "in_memory")
+
 
 def load_pair(data_cfg: DictConfig) -> Pair:
-    """Instantiate the two dataset sources and build the pair."""
+    """Instantiate the two dataset sources and build the pair (lazy splits; in memory with ``data.in_memory``)."""
     d = data_cfg
     return build_pair(
         d.name,
@@ -37,6 +40,7 @@ def load_pair(data_cfg: DictConfig) -> Pair:
         ood_classes=OmegaConf.to_container(d.ood_classes) if d.ood_classes is not None else None,
         resize_protocol=d.resize_protocol,
         seed=d.seed,
+        num_workers=d.get("num_workers", 0),
     )
 
 
@@ -55,9 +59,16 @@ class OodTask(Task):
             v = data[key]
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"data.{key}={v!r} is not valid; use a positive integer or null (all)")
+        workers = data.get("num_workers", 0)
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise ValueError(f"data.num_workers={workers!r} is not valid; use an integer >= 0 (0: decode in the run)")
+        if not isinstance(data.get("in_memory", False), bool):
+            raise ValueError(f"data.in_memory={data.get('in_memory')!r} is not valid; valid: true or false")
 
     def data_identity(self, data: DictConfig) -> dict[str, Any]:
         ident = OmegaConf.to_container(data, resolve=True)
+        for key in RUNTIME_DATA_KEYS:  # how the images are read does not change them
+            ident.pop(key, None)
         for side in ("id", "ood"):
             # where the files are, whether to download them, and the bad-file policy (a run that completes under
             # on_bad_file=fail would give the same numbers under skip) do not change the numbers
@@ -68,6 +79,8 @@ class OodTask(Task):
         self, cfg: DictConfig, method: Method, build: Callable[[], Method], ctx: Context, identity: dict[str, Any]
     ) -> TaskResult:
         pair = load_pair(cfg.data)
+        if cfg.data.get("in_memory", False) or not method.lazy_images:
+            pair = pair.materialize()  # float tensors, decoded once (memory grows with the data)
         ctx = replace(ctx, data_meta=pair.meta)
         t0 = time.perf_counter()
         method.fit(pair.id_train.images, ctx, labels=pair.id_train.labels)
