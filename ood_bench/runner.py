@@ -56,14 +56,26 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+# Keys added to configs after results were stored under their hashes: at these values (the behaviour from before
+# the key existed) they are left out of the identity, so existing config hashes stay valid.
+NEW_KEY_DEFAULTS = ((("model", "train", "sde"), "ddpm"),)
+
+
 def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: bool, runtime_keys: set[str]) -> dict:
     """The settings that determine a run's numbers (batch size, paths and loggers do not)."""
-    return {
+    identity = {
         "data": get_task(cfg.data).data_identity(cfg.data),
         "method": {k: v for k, v in method_cfg.items() if k not in runtime_keys},
         "model": OmegaConf.to_container(cfg.model, resolve=True) if uses_model else None,
         "seed": cfg.seed,
     }
+    for (*parents, key), default in NEW_KEY_DEFAULTS:
+        node: Any = identity
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key, default) == default:
+            node.pop(key, None)
+    return identity
 
 
 # The seeds in a run's identity: runs that differ only in these are replicates of one setting (mean ± std).

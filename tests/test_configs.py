@@ -324,8 +324,11 @@ def test_model_and_distance_settings_fail_before_data_is_read(hydra_conf, tmp_pa
         (["data.image_size=28", "method.num_blocks=8"], "num_blocks=8"),  # 8 blocks do not divide 28 px
         (["method.num_blocks=1"], "num_blocks=1"),  # a checkerboard needs at least 2 blocks
         (["method.steps=2000"], "steps=2000"),  # more sampling steps than the model's 1000 training steps
+        (["method.sampler=subvp_em"], "model.train.sde=subvp"),  # the official sampler on a DDPM-trained model
+        (["method.sampler=subvp_em", "model.train.sde=subvp", "method.clip=true"], "method.clip=true"),
+        (["model.train.sde=vp"], "model.train.sde='vp'"),
     ],
-    ids=["blocks_vs_image_size", "one_block", "steps_vs_train_timesteps"],
+    ids=["blocks_vs_image_size", "one_block", "steps_vs_train_timesteps", "subvp_em_on_ddpm", "subvp_em_clip", "sde"],
 )
 def test_lmd_settings_fail_before_data_is_read(hydra_conf, tmp_path, overrides, key):
     """LMD settings that only make sense with the image size or the noise schedule are checked at score time

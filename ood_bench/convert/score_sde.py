@@ -264,7 +264,7 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], arch: DDPMArch) -> UNet2D
 
 
 def sde_info(arch: DDPMArch) -> dict[str, Any]:
-    """What the network's time input and output mean (read by ``load_pretrained`` and a future SDE sampler)."""
+    """What the network's time input and output mean (read by ``load_pretrained`` and ``samplers/sde.py``)."""
     return {
         "sde": arch.sde,
         "continuous": arch.continuous,

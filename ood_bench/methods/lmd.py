@@ -29,6 +29,7 @@ from ood_bench.distances.lpips import NETS as LPIPS_NETS
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.models.diffusion import DiffusionModel, get_diffusion_model
 from ood_bench.samplers import MASK_TYPES, SAMPLERS, inpaint, lmd_mask
+from ood_bench.samplers.sde import model_sde, score_sde_info
 from ood_bench.utils import PRECISIONS, check_precision, sample_seed, tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ class LMD(Method):
             raise ValueError(f"method.eta={eta} is not valid; valid: 0 <= eta <= 1")
         if not isinstance(clip, bool):
             raise ValueError(f"method.clip={clip!r} is not valid; valid: true or false")
+        if sampler == "subvp_em" and clip:
+            raise ValueError(
+                "method.clip=true is not valid with method.sampler=subvp_em (Euler-Maruyama has no x0 prediction to "
+                "clip; the official sampler never clips); valid: method.clip=false"
+            )
         self.mask, self.num_blocks, self.reps = mask, num_blocks, reps
         self.sampler, self.steps, self.eta, self.clip = sampler, steps, float(eta), clip
         self.distance_name, self.lpips_net, self.lpips_weights = distance, lpips_net, lpips_weights
@@ -95,7 +101,14 @@ class LMD(Method):
     def check(self, image_size: int, channels: int, model_cfg: dict[str, Any] | None) -> None:
         for rep in range(min(2, self.reps)):
             lmd_mask(self.mask, image_size, self.num_blocks, rep)
-        if model_cfg is not None and not model_cfg.get("pretrained"):
+        if model_cfg is not None and not model_cfg.get("pretrained") and self.sampler == "subvp_em":
+            sde = model_cfg["train"].get("sde", "ddpm")
+            if sde != "subvp":
+                raise ValueError(
+                    f"method.sampler=subvp_em needs a model trained on the subVP-SDE: set model.train.sde=subvp "
+                    f"(got model.train.sde={sde!r}), or use method.sampler=ddpm or ddim"
+                )
+        elif model_cfg is not None and not model_cfg.get("pretrained"):  # subvp_em: steps = N of a continuous SDE
             n_train = int(model_cfg["scheduler"]["num_train_timesteps"])
             if self.steps > n_train:
                 raise ValueError(f"method.steps={self.steps} is not valid; valid: 1..{n_train} (model timesteps)")
@@ -115,6 +128,14 @@ class LMD(Method):
         _check_size(self.image_size, int(ctx.model_cfg["sample_size"]))
         with phase("train"):  # loading a cached model counts here too (under a second)
             self.model = get_diffusion_model(ctx.model_cfg, id_train, ctx.cache, ctx.device, progress=ctx.progress)
+        if self.sampler == "subvp_em":
+            model_sde(self.model)  # a clear error now for a model that is not a subVP-SDE model
+        elif (score_sde_info(self.model) or {}).get("sde") == "subvpsde":
+            log.warning(
+                "method.sampler=%s runs a subVP-SDE model on the discrete VP schedule, off its training marginals "
+                "(docs/deviations.md L1); method.sampler=subvp_em is its own sampler",
+                self.sampler,
+            )
 
     @torch.no_grad()
     def score(

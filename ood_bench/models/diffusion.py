@@ -10,6 +10,14 @@ A class-conditional model (``model_cfg["conditioning"] = {num_classes: K, label_
 that needs one) has ``K + 1`` class embeddings, the last one the null class; training replaces each label by
 the null class with probability ``p`` (classifier-free guidance). Its cache key adds the conditioning and the
 labels; an unconditional model keeps the key it always had.
+
+``model.train.sde`` chooses the training objective: ``ddpm`` (default; Ho et al.'s discrete steps, what the DDPM/DDIM
+samplers use) or ``subvp`` (score-SDE's continuous subVP-SDE as LMD trains it: ``t ~ U(1e-5, 1)``, input
+``exp(-B(t)/2) x0 + (1 - exp(-B(t))) z``, time input ``999 t``, loss ``mean((net - z)^2)``: ``losses.get_sde_loss_fn``
+with ``continuous=True, likelihood_weighting=False, reduce_mean=True``), with ``beta_min = N beta_start`` and
+``beta_max = N beta_end`` from ``model.scheduler`` (0.1 and 20 for the linear 1e-4..0.02 schedule). A subVP model
+carries ``_score_sde`` in its UNet config, as a converted score_sde checkpoint, and is sampled by
+``method.sampler=subvp_em``. ``sde: ddpm`` is left out of the cache key (models trained before keep their keys).
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.convert.score_sde import DDPMArch, sde_info
 from ood_bench.data.imageset import Prefetcher
 from ood_bench.errors import WeightsNotFoundError
+from ood_bench.models.subvp import TIME_LABEL_SCALE, TRAIN_EPS, SubVPSDE
 from ood_bench.utils import PRECISIONS, atomic_path, autocast, check_precision, tensor_fingerprint
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,7 @@ log = logging.getLogger(__name__)
 CACHE_KIND = "diffusion"
 CACHE_VERSION = 1
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TRAIN_SDES = ("ddpm", "subvp")  # model.train.sde; "ddpm" (the default) stays out of cache keys and config hashes
 
 
 @dataclass
@@ -105,6 +116,23 @@ def _train_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t
     return sched.get_velocity(x0, noise, t)
 
 
+def subvp_sde(model_cfg: dict[str, Any]) -> SubVPSDE:
+    """The subVP-SDE of ``model.scheduler``'s linear schedule: ``beta_min = N beta_start``, ``beta_max = N beta_end``
+    (score_sde's ``discrete_betas`` are ``linspace(beta_min/N, beta_max/N, N)``)."""
+    sc = model_cfg["scheduler"]
+    n = int(sc["num_train_timesteps"])
+    return SubVPSDE(float(sc["beta_start"]) * n, float(sc["beta_end"]) * n)
+
+
+def subvp_noisy(
+    sde: SubVPSDE, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The subVP marginal sample ``mean(t) x0 + std(t) noise`` and the network's time input ``999 t``."""
+    mean, std = sde.marginal(t)
+    view = (-1,) + (1,) * (x0.dim() - 1)
+    return mean.view(view) * x0 + std.view(view) * noise, t * TIME_LABEL_SCALE
+
+
 def train_unet(
     images: torch.Tensor,
     model_cfg: dict[str, Any],
@@ -141,6 +169,7 @@ def _train_unet(
 ) -> None:
     tcfg = model_cfg["train"]
     sched = DDPMScheduler(**model_cfg["scheduler"])
+    subvp = subvp_sde(model_cfg) if tcfg.get("sde", "ddpm") == "subvp" else None
     cond = model_cfg.get("conditioning")
     if cond and (labels is None or len(labels) != len(images)):
         raise ValueError("a class-conditional diffusion model needs one label per training image")
@@ -188,7 +217,10 @@ def _train_unet(
             flip = torch.rand(bs, generator=gen) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
+        if subvp is None:
+            t = torch.randint(0, sched.config.num_train_timesteps, (bs,), generator=gen)
+        else:  # continuous t in [1e-5, 1] as score_sde's get_sde_loss_fn
+            t = torch.rand(bs, generator=gen) * (1.0 - TRAIN_EPS) + TRAIN_EPS
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         y = None
         if cond:  # labels, each replaced by the null class with probability label_dropout (for CFG)
@@ -198,8 +230,13 @@ def _train_unet(
             peek = torch.Generator().set_state(gen.get_state())
             prefetch.ahead(torch.randint(0, n, (bs,), generator=peek))
         with autocast(device, precision, key="model.train.precision"):
-            pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
-            loss = F.mse_loss(pred.float(), _train_target(sched, x0, noise, t))
+            if subvp is None:
+                pred = unet(sched.add_noise(x0, noise, t), t, class_labels=y).sample
+                loss = F.mse_loss(pred.float(), _train_target(sched, x0, noise, t))
+            else:
+                x_t, label = subvp_noisy(subvp, x0, noise, t)
+                pred = unet(x_t, label, class_labels=y).sample
+                loss = F.mse_loss(pred.float(), noise)  # = score_sde's (score * std + z)^2, reduce_mean
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tcfg.get("grad_clip"):
@@ -231,6 +268,15 @@ def _train_unet(
                 torch.save(state, tmp)
     prefetch.close()
     ema.copy_to(unet.parameters())
+    if subvp is not None:  # what the network's time input and output mean, as a converted score_sde model
+        arch = DDPMArch(
+            sde="subvpsde",
+            continuous=True,
+            beta_min=subvp.beta_min,
+            beta_max=subvp.beta_max,
+            num_scales=int(sched.config.num_train_timesteps),
+        )
+        unet.register_to_config(_score_sde=sde_info(arch))
     unet.save_pretrained(out_dir / "unet")
     sched.save_pretrained(out_dir / "scheduler")
     with open(out_dir / "loss.csv", "w", newline="") as f:
@@ -281,7 +327,8 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
         log.warning(
             "model.pretrained=%s is a score-SDE model trained on the subVP-SDE (scripts/convert_score_sde.py): its "
             "time input is 999 t and its noisy inputs follow subVP marginals (std 1 - abar), not the discrete VP "
-            "schedule the DDPM/DDIM samplers use; their results with it are approximate (docs/deviations.md L1)",
+            "schedule the DDPM/DDIM samplers use; method.sampler=subvp_em samples it as the official code "
+            "(docs/deviations.md L1)",
             ref,
         )
     return DiffusionModel(unet.to(device).eval(), sched_cfg, f"pretrained:{ref}")
@@ -292,9 +339,13 @@ def cache_spec(model_cfg: dict[str, Any], images: torch.Tensor, labels: torch.Te
     class-conditional model, the conditioning settings and the labels).
 
     The training precision is part of the key; ``fp32`` (the loop before precisions existed) is left out, so
-    models trained before keep their keys.
+    models trained before keep their keys; so is ``sde: ddpm`` (``subvp`` enters the key).
     """
-    train = {k: v for k, v in model_cfg["train"].items() if not (k == "precision" and v == "fp32")}
+    train = {
+        k: v
+        for k, v in model_cfg["train"].items()
+        if not (k == "precision" and v == "fp32") and not (k == "sde" and v == "ddpm")
+    }
     spec = {
         "version": CACHE_VERSION,
         "data": tensor_fingerprint(images),
@@ -320,6 +371,18 @@ def validate_model_cfg(model_cfg: dict[str, Any]) -> None:
         for key in ("steps", "batch_size"):
             if int(model_cfg["train"][key]) < 1:
                 raise ValueError(f"model.train.{key}={model_cfg['train'][key]!r} is not valid; use a positive integer")
+        sde = model_cfg["train"].get("sde", "ddpm")
+        if sde not in TRAIN_SDES:
+            raise ValueError(f"model.train.sde={sde!r} is not valid; valid: {list(TRAIN_SDES)}")
+        if sde == "subvp":
+            sc = model_cfg["scheduler"]
+            if ptype != "epsilon" or sc.get("beta_schedule", "linear") != "linear":
+                raise ValueError(
+                    f"model.train.sde=subvp needs model.scheduler.prediction_type=epsilon and beta_schedule=linear "
+                    f"(beta_min/max = N beta_start/end), got {ptype!r} and {sc.get('beta_schedule')!r}"
+                )
+            if model_cfg.get("conditioning"):
+                raise ValueError("model.train.sde=subvp trains unconditional models only (LMD's); got conditioning")
         precision = model_cfg["train"].get("precision", "fp32")
         if precision not in PRECISIONS:
             raise ValueError(f"model.train.precision={precision!r} is not valid; valid: {list(PRECISIONS)}")

@@ -7,6 +7,9 @@ corrector wrapper re-injects the known pixels noised to t before the predictor (
 predictor wrapper's own re-injection after the step is overwritten by the next step's. No RePaint-style
 resampling. All noise comes from per-sample generators.
 
+``sampler="subvp_em"`` is LMD's official sampler itself (Euler-Maruyama on the subVP-SDE, ``samplers/sde.py``) for
+models trained on that SDE; ``ddim``/``ddpm`` run diffusers' schedulers on the model's discrete VP schedule.
+
 ``clip=True`` clips the scheduler's x0 prediction to ``[-1, 1]`` at every step and clamps the result;
 the official sampler never clips (``clip=False``). ``precision`` runs the network under autocast (``bf16`` /
 ``fp16``); the scheduler's arithmetic stays in float32.
@@ -20,9 +23,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ood_bench.models.diffusion import DiffusionModel
+from ood_bench.samplers.sde import inpaint_subvp_em
 from ood_bench.utils import autocast, randn_per_sample
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "subvp_em")
 _LEARNED = ("learned", "learned_range")  # DDPMScheduler variance types that read the model's extra channels
 
 
@@ -37,7 +41,7 @@ def make_scheduler(model: DiffusionModel, sampler: str, steps: int, clip: bool =
     elif sampler == "ddpm":
         sched = model.ddpm(timestep_spacing="trailing", clip_sample=clip)
     else:
-        raise ValueError(f"sampler={sampler!r} is not valid; valid: {list(SAMPLERS)}")
+        raise ValueError(f"sampler={sampler!r} is not valid for a scheduler; valid: ['ddim', 'ddpm']")
     sched.set_timesteps(steps)
     return sched
 
@@ -59,6 +63,13 @@ def inpaint(
 
     ``mask`` broadcasts to ``x0`` (``[H, W]``, ``[1, 1, H, W]``, or one mask per row ``[N, 1|C, H, W]``), 1 = known.
     """
+    if sampler == "subvp_em":
+        if clip:
+            raise ValueError(
+                "clip=True is not valid with sampler='subvp_em' (Euler-Maruyama has no x0 prediction "
+                "to clip; the official sampler never clips); valid: clip=False"
+            )
+        return inpaint_subvp_em(model, x0, mask, generators, steps=steps, precision=precision)
     sched = make_scheduler(model, sampler, steps, clip)
     device, dtype = x0.device, x0.dtype
     mask = mask.to(device=device, dtype=dtype).expand_as(x0)
