@@ -1,0 +1,61 @@
+"""AnomalySD's fine-tuning trains the UNet on the latents it is scored on, and the fine-tuned model repaints a defect.
+
+The first test guards issue 17 item 1: the training target was ``(mean + std·ε)·scale`` without the autoencoder's
+shift while every scored latent is ``(z − shift)·scale`` (``SDStack.encode``). The second (item 3) fine-tunes a
+small stack on a synthetic normal texture and checks that inpainting alone (``alpha=0``: no prototype term) puts a
+planted blob above the rest of the image and above the same image without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_anomalysd import PATCH_STACK, TINY_STACK
+
+from ood_bench.models.sd_finetune import Augment, FinetuneConfig, _normalise_latents, training_batch
+from ood_bench.models.sd_stack import PatchAutoencoder, build_scratch_stack
+from ood_bench.samplers.anomaly_masks import grid_masks, upsample_mask
+
+SIZE = 32
+
+
+def dark_texture(n: int, seed: int) -> torch.Tensor:
+    """Dark, low-contrast shots (as magnetic tiles): their mean in [-1, 1] is far from 0 in latent stds."""
+    g = torch.Generator().manual_seed(seed)
+    return 0.2 + 0.1 * torch.rand(n, 3, SIZE, SIZE, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["patch", "kl"])
+def test_training_latents_are_the_latents_scored_at_inference(kind):
+    """The UNet's target and masked latents of a training batch are ``stack.encode`` of the batch's images.
+
+    The patch autoencoder is fitted as in ``finetune`` (shift = the shots' mean: −0.5 here, ~9 latent stds away
+    from 0); the KL VAE gets an SD3-style shift (SD 1.x has none, where the old target happened to be right).
+    """
+    stack = build_scratch_stack(PATCH_STACK if kind == "patch" else TINY_STACK, ["perfect", "tile"], seed=0)
+    shots = dark_texture(2, 0)
+    device = torch.device("cpu")
+    if kind == "patch":
+        _normalise_latents(stack, shots, device, shift=True)
+        assert stack.vae.config.shift_factor == pytest.approx(-0.5, abs=0.01)
+    else:
+        stack.vae.register_to_config(shift_factor=-0.5, scaling_factor=2.0)
+    f = stack.vae_scale_factor
+    grid = grid_masks(SIZE // f, 2, "checkerboard")
+    fg = torch.ones(2, SIZE, SIZE, dtype=torch.bool)
+    cfg = FinetuneConfig(batch_size=8, precision="fp32", augment=Augment(brightness=0.0, contrast=0.0))
+    batch = training_batch(stack, shots, fg, [[0], [0]], grid, cfg, device, torch.Generator().manual_seed(1))
+
+    assert batch.x.shape == (8, 3, SIZE, SIZE) and batch.known.shape == (8, 1, SIZE // f, SIZE // f)
+    torch.testing.assert_close(batch.masked, stack.encode(batch.x * upsample_mask(batch.known, f)))
+    mean = stack.encode(batch.x)  # the posterior mean, shifted and scaled: what inference sees
+    if isinstance(stack.vae, PatchAutoencoder):  # a deterministic posterior: the sample is the mean, exactly
+        torch.testing.assert_close(batch.z0, mean)
+        # and it is standardised like the shots (the training target sits where inference puts its latents)
+        assert abs(float(batch.z0.mean())) < 0.5 and 0.5 < float(batch.z0.std()) < 2.0
+    else:  # a posterior sample around that mean: (z0 − mean) / (std · scale) is standard normal
+        with torch.no_grad():
+            post = stack.vae.encode(batch.x).latent_dist
+        eps = (batch.z0 - mean) / (post.std * stack.scaling_factor)
+        assert not torch.allclose(batch.z0, mean)
+        assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1) < 0.05, (eps.mean(), eps.std())
