@@ -8,6 +8,7 @@ planted blob above the rest of the image and above the same image without it.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_anomalysd import PATCH_STACK, TINY_STACK
@@ -59,3 +60,42 @@ def test_training_latents_are_the_latents_scored_at_inference(kind):
         eps = (batch.z0 - mean) / (post.std * stack.scaling_factor)
         assert not torch.allclose(batch.z0, mean)
         assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1) < 0.05, (eps.mean(), eps.std())
+
+
+def test_hierarchical_inference_prompts_average_the_unets_noise_over_the_prompts(tmp_path):
+    """``inference_prompts=hierarchical``: ε is the mean of one UNet call per prompt (NFE × prompts);
+    ``hierarchical_embedding``: one call on the mean embedding; ``object``: the object-level prompt alone."""
+    from test_anomalysd import images, tiny_ctx, tiny_method
+
+    from ood_bench.methods.anomalysd import _PromptEnsemble
+
+    method = tiny_method(scratch=PATCH_STACK, vae_mode="none")
+    method.fit(images(1, 0), tiny_ctx(tmp_path), labels=np.array([0]))
+    lab = np.array([0, 0])
+    obj = method._test_text(lab)
+    method.inference_prompts = "hierarchical"
+    every = method._test_text(lab)
+    nfe_all = method.nfe_per_image
+    method.inference_prompts = "hierarchical_embedding"
+    mean = method._test_text(lab)
+    method.inference_prompts = "object"
+    prompts = method.prompts_for(method.names[0])
+    assert len(prompts) == 4 and every.shape == (2, 4, *obj.shape[1:])
+    torch.testing.assert_close(every[:, 0], obj)  # the object-level prompt comes first
+    torch.testing.assert_close(mean, every.mean(1))
+    assert nfe_all == 4 * method.nfe_per_image
+
+    unet = method.sd.unet
+    c = unet.config.in_channels
+    g = torch.Generator().manual_seed(0)
+    sample, t = torch.randn(2, c, 16, 16, generator=g), torch.tensor(500)
+    ens = _PromptEnsemble(unet)(sample, t, encoder_hidden_states=every).sample
+    each = [unet(sample, t, encoder_hidden_states=every[:, p]).sample for p in range(4)]
+    torch.testing.assert_close(ens, torch.stack(each).mean(0), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(each[0], each[1])  # the prompts do condition the UNet
+    scores = {}
+    for how in ("object", "hierarchical"):
+        method.inference_prompts = how
+        scores[how] = method.score(images(2, 1), tiny_ctx(tmp_path), labels=lab)
+    assert scores["hierarchical"].nfe_per_image == 4 * scores["object"].nfe_per_image
+    assert not np.allclose(scores["hierarchical"].maps, scores["object"].maps)
