@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 FUSIONS = ("harmonic", "mean")
 IMAGE_SCORES = ("max", "topk_mean")
 REFERENCES = ("input", "reconstruction")
+# object: "A perfect {c}." only; hierarchical: the UNet's ε averaged over the object and detail prompts (one call
+# per prompt); hierarchical_embedding: one call on the mean of their text embeddings
+INFERENCE_PROMPTS = ("object", "hierarchical", "hierarchical_embedding")
 PRECISIONS = ("fp32", "bf16")
 FINETUNE_VERSION = 2  # 2: the UNet's target latents are shifted like the scored ones (SDStack.encode)
 MAPS_VERSION = 1
@@ -140,6 +145,7 @@ class AnomalySD(Method):
         replace_known: bool = False,
         mask_scales: list[int] | tuple[int, ...] = (4, 8),
         mask_layout: str = "checkerboard",
+        inference_prompts: str = "object",
         pg_layers: list[int] | tuple[int, ...] = (2, 3),
         pg_ratio: float = 0.1,
         pg_dilate: int = 1,
@@ -161,6 +167,7 @@ class AnomalySD(Method):
         check_choice("vae_mode", vae_mode, VAE_MODES)
         check_choice("foreground", foreground, FOREGROUNDS)
         check_choice("mask_layout", mask_layout, GRID_LAYOUTS)
+        check_choice("inference_prompts", inference_prompts, INFERENCE_PROMPTS)
         check_choice("diff_weighting", diff_weighting, WEIGHTINGS)
         check_choice("reference", reference, REFERENCES)
         check_choice("fusion", fusion, FUSIONS)
@@ -251,6 +258,7 @@ class AnomalySD(Method):
         self.checkpoint_every = checkpoint_every
         self.strength, self.steps, self.eta, self.replace_known = float(strength), steps, float(eta), replace_known
         self.mask_scales, self.mask_layout = [int(k) for k in mask_scales], mask_layout
+        self.inference_prompts = inference_prompts
         self.pg_layers = check_layers("pg_layers", list(pg_layers))
         self.diff_layers = check_layers("diff_layers", list(diff_layers))
         self.pg_ratio, self.pg_dilate = float(pg_ratio), pg_dilate
@@ -291,9 +299,19 @@ class AnomalySD(Method):
         """The hierarchical training prompts of one object: object level, then one per detail word."""
         return [self.object_prompt.format(c=name)] + [self.detail_prompt.format(c=name, d=d) for d in self.detail_words]
 
-    def test_prompt(self, name: str) -> str:
-        """Inpainting asks for the defect-free object (the object-level prompt)."""
-        return self.object_prompt.format(c=name)
+    def test_prompts(self, name: str) -> list[str]:
+        """The prompts inpainting is conditioned on: the object-level one, or all hierarchical ones."""
+        return [self.object_prompt.format(c=name)] if self.inference_prompts == "object" else self.prompts_for(name)
+
+    def _test_text(self, lab: np.ndarray) -> torch.Tensor:
+        """Text condition per image: ``[n, L, D]``, or ``[n, P, L, D]`` for ``inference_prompts=hierarchical``."""
+        sd = self.sd
+        if self.inference_prompts == "object":
+            return sd.encode_prompts([self.object_prompt.format(c=self.names[c]) for c in lab])
+        emb = {int(c): sd.encode_prompts(self.test_prompts(self.names[int(c)])) for c in set(lab.tolist())}
+        if self.inference_prompts == "hierarchical":
+            return torch.stack([emb[int(c)] for c in lab])
+        return torch.stack([emb[int(c)].mean(0) for c in lab])  # hierarchical_embedding
 
     def _inference_identity(self) -> dict[str, Any]:
         """Everything that determines the cached per-scale and prototype maps."""
@@ -305,6 +323,7 @@ class AnomalySD(Method):
             "replace_known": self.replace_known,
             "mask_scales": self.mask_scales,
             "mask_layout": self.mask_layout,
+            **({"inference_prompts": self.inference_prompts} if self.inference_prompts != "object" else {}),
             "pg_layers": list(self.pg_layers),
             "pg_ratio": self.pg_ratio,
             "pg_dilate": self.pg_dilate,
@@ -410,7 +429,8 @@ class AnomalySD(Method):
         if stack is None:
             return 0
         _, timesteps = inference_timesteps(stack, self.steps, self.strength)
-        return self.masks_per_image * len(timesteps)
+        per_step = 1 + len(self.detail_words) if self.inference_prompts == "hierarchical" else 1
+        return self.masks_per_image * len(timesteps) * per_step
 
     def score(
         self,
@@ -466,7 +486,9 @@ class AnomalySD(Method):
         dtype = torch.bfloat16 if self.precision == "bf16" else None
         x = x.to(device).float()
         n, size = len(x), x.shape[-1]
-        text = sd.encode_prompts([self.test_prompt(self.names[c]) for c in lab])
+        text = self._test_text(lab)
+        if text.dim() == 4:  # several prompts per image: the UNet's ε is their mean
+            sd = replace(sd, unet=_PromptEnsemble(sd.unet))
         x2 = x * 2 - 1
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             z0 = sd.encode(x2).float()
@@ -520,6 +542,7 @@ class AnomalySD(Method):
             "scratch_hash": stable_hash(self.scratch) if self.stack_ref is None else "",
             "masks_per_image": self.masks_per_image,
             "nfe_per_image": self.nfe_per_image,
+            "inference_prompts": self.inference_prompts,
             "fusion": self.fusion,
             "alpha": self.alpha,
             "sigma": self.sigma,
@@ -540,6 +563,23 @@ class AnomalySD(Method):
             else:
                 record[f"train_{key}"] = "|".join(map(str, val)) if isinstance(val, tuple | list) else val
         return record
+
+
+class _PromptEnsemble(torch.nn.Module):
+    """A UNet whose ε is the mean of its predictions under P prompts per image (``encoder_hidden_states``
+    ``[N, P, L, D]``; one batched call of N·P). Without a guidance weight this is composable diffusion's AND of the
+    prompts (Liu et al. 2022): every prompt the model was fine-tuned with guides the repaint."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        n, p = encoder_hidden_states.shape[:2]
+        eps = self.unet(
+            sample.repeat_interleave(p, 0), timestep, encoder_hidden_states=encoder_hidden_states.flatten(0, 1)
+        ).sample
+        return SimpleNamespace(sample=eps.view(n, p, *eps.shape[1:]).mean(1))
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:

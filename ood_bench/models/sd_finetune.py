@@ -222,6 +222,53 @@ def _normalise_latents(stack: SDStack, shots: torch.Tensor, device: torch.device
     stack.vae.register_to_config(scaling_factor=1.0 / max(float(z.std()), 1e-6))
 
 
+@dataclass
+class TrainingBatch:
+    """One UNet training batch: the augmented images, their masks and prompts, and their latents."""
+
+    x: torch.Tensor  # [B, 3, H, W] augmented shots in [-1, 1]
+    known: torch.Tensor  # [B, 1, h, w] training masks at latent resolution, 1 = known
+    prompts: list[int]  # index of each sample's prompt (into the unique prompts)
+    z0: torch.Tensor  # [B, C, h, w] target latents: stack.encode(x, gen, sample=True)
+    masked: torch.Tensor  # [B, C, h, w] latents of the masked images: stack.encode(x * known)
+
+
+def training_batch(
+    stack: SDStack,
+    shots: torch.Tensor,
+    fg: torch.Tensor,
+    prompt_ids: list[list[int]],
+    grid_latent: torch.Tensor,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    gen: torch.Generator,
+) -> TrainingBatch:
+    """Draw one training batch with ``gen``: shots, augmentation, masks, prompts, then the latents.
+
+    The target goes through the same ``SDStack.encode`` (shift and scale) as every latent the UNet is scored on;
+    the posterior sample draws its noise from ``gen`` (after the prompts, before the diffusion noise and ``t``).
+    """
+    f, bs = stack.vae_scale_factor, cfg.batch_size
+    idx = torch.randint(len(shots), (bs,), generator=gen)
+    x, fgb = cfg.augment(shots[idx], fg[idx], gen)
+    fg_lat = _latent_fg(fgb, f)
+    known = torch.stack(
+        [
+            random_train_mask(
+                gen, fg_lat[i], grid_latent, cfg.mask_grid_prob, cfg.mask_full_prob, cfg.mask_max_boxes,
+                cfg.mask_box_range,
+            )
+            for i in range(bs)
+        ]
+    )[:, None]  # fmt: skip
+    which = [prompt_ids[int(i)][int(torch.randint(len(prompt_ids[int(i)]), (), generator=gen))] for i in idx]
+    x, known = x.to(device) * 2 - 1, known.to(device)
+    with torch.no_grad(), _autocast(device, cfg.precision):
+        z0 = stack.encode(x, gen, sample=True).float()
+        masked = stack.encode(x * upsample_mask(known, f)).float()
+    return TrainingBatch(x, known, which, z0, masked)
+
+
 def _train_unet(
     stack: SDStack,
     shots: torch.Tensor,
@@ -235,7 +282,7 @@ def _train_unet(
     ckpt: _Checkpoint,
     progress: bool,
 ) -> list[tuple[str, int, float]]:
-    unet, f = stack.unet, stack.vae_scale_factor
+    unet = stack.unet
     sched = stack.ddpm()
     n_train = int(sched.config.num_train_timesteps)
     unet.train().requires_grad_(True)
@@ -249,36 +296,14 @@ def _train_unet(
         range(start, cfg.unet_steps), initial=start, total=cfg.unet_steps, desc="fine-tune UNet", disable=not progress
     )
     for step in bar:
-        idx = torch.randint(len(shots), (bs,), generator=gen)
-        x, fgb = cfg.augment(shots[idx], fg[idx], gen)
-        fg_lat = _latent_fg(fgb, f)
-        known = torch.stack(
-            [
-                random_train_mask(
-                    gen,
-                    fg_lat[i],
-                    grid_latent,
-                    cfg.mask_grid_prob,
-                    cfg.mask_full_prob,
-                    cfg.mask_max_boxes,
-                    cfg.mask_box_range,
-                )
-                for i in range(bs)
-            ]
-        )[:, None]
-        which = [prompt_ids[int(i)][int(torch.randint(len(prompt_ids[int(i)]), (), generator=gen))] for i in idx]
-        text = prompt_emb[which].to(device)
-        x, known = x.to(device) * 2 - 1, known.to(device)
-        with torch.no_grad(), _autocast(device, cfg.precision):
-            # The target goes through the same encode (shift and scale) as every latent at inference; the posterior
-            # sample draws its noise from ``gen`` first, then the diffusion noise and t, as before the fix.
-            z0 = stack.encode(x, gen, sample=True).float()
-            masked = stack.encode(x * upsample_mask(known, f)).float()
+        batch = training_batch(stack, shots, fg, prompt_ids, grid_latent, cfg, device, gen)
+        text = prompt_emb[batch.prompts].to(device)
+        z0, known = batch.z0, batch.known
         noise = torch.randn(z0.shape, generator=gen, device="cpu").to(device)
         t = torch.randint(0, n_train, (bs,), generator=gen).to(device)
         z_t = sched.add_noise(z0, noise, t)
         with _autocast(device, cfg.precision):
-            pred = unet(unet_input(z_t, known, masked), t, encoder_hidden_states=text).sample
+            pred = unet(unet_input(z_t, known, batch.masked), t, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
