@@ -11,30 +11,23 @@ why). Output: <out>/unet, <out>/scheduler, <out>/conversion.json. See docs/check
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
 from ood_bench.convert.adm import ATTENTION_ORDERS, NOISE_SCHEDULES, convert
-from ood_bench.errors import UserError
+from ood_bench.convert.common import converter_parser, run_converter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="guided-diffusion UNetModel state dict (.pt)")
-    p.add_argument("out", help="output folder (a diffusers UNet2DModel + scheduler)")
+    p = converter_parser(__doc__, "guided-diffusion UNetModel state dict (.pt)")
     p.add_argument("--image-size", type=int, help="training resolution (preset for the released files)")
     p.add_argument("--num-head-channels", type=int, help="ADM's num_head_channels (released files: 64)")
     p.add_argument("--num-heads", type=int, help="ADM's num_heads, when num_head_channels was -1")
     p.add_argument("--attention-order", choices=ATTENTION_ORDERS, help="'new' = use_new_attention_order=True")
     p.add_argument("--noise-schedule", choices=NOISE_SCHEDULES, help="ADM's noise_schedule")
     p.add_argument("--diffusion-steps", type=int, default=1000, help="ADM's diffusion_steps (default 1000)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        convert(
+    return run_converter(
+        lambda: convert(
             args.checkpoint,
             args.out,
             image_size=args.image_size,
@@ -46,10 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
         )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ suite's DDPM/DDIM samplers use (docs/deviations.md L1; docs/checkpoints.md).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
+from ood_bench.convert.common import converter_parser, run_converter
 from ood_bench.convert.score_sde import SDES, WEIGHTS, DDPMArch, convert
-from ood_bench.errors import UserError
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -26,9 +24,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     d = DDPMArch()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="score_sde_pytorch checkpoint (.pth: model, ema, optimizer, step)")
-    p.add_argument("out", help="output folder (a diffusers UNet2DModel + scheduler)")
+    p = converter_parser(__doc__, "score_sde_pytorch checkpoint (.pth: model, ema, optimizer, step)")
     p.add_argument("--weights", choices=WEIGHTS, default="ema", help="EMA weights (as LMD samples) or raw ones")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--num-channels", type=int, default=d.num_channels)
@@ -42,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beta-min", type=float, default=d.beta_min)
     p.add_argument("--beta-max", type=float, default=d.beta_max)
     p.add_argument("--num-scales", type=int, default=d.num_scales)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     arch = DDPMArch(
         image_size=args.image_size,
         num_channels=args.num_channels,
@@ -60,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         beta_max=args.beta_max,
         num_scales=args.num_scales,
     )
-    try:
-        convert(
+    return run_converter(
+        lambda: convert(
             args.checkpoint,
             args.out,
             arch,
@@ -69,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             allow_pickle=args.allow_pickle,
         )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    )
 
 
 if __name__ == "__main__":

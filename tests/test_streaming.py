@@ -122,8 +122,13 @@ def test_runtime_data_keys_are_validated_and_left_out_of_the_hash() -> None:
     a = task.data_identity(OmegaConf.create({**base, "num_workers": 0, "in_memory": False}))
     b = task.data_identity(OmegaConf.create({**base, "num_workers": 4, "in_memory": True}))
     assert a == b == task.data_identity(OmegaConf.create(base))
-    with pytest.raises(ValueError, match=r"data.num_workers=-1 is not valid"):
-        task.validate(OmegaConf.create({**base, "num_workers": -1}))
+    from ood_bench.tasks.bench import BenchTask
+
+    for validating in (task, BenchTask()):  # both ID-vs-OOD task families check the same runtime keys
+        with pytest.raises(ValueError, match=r"data.num_workers=-1 is not valid"):
+            validating.validate(OmegaConf.create({**base, "num_workers": -1}))
+        with pytest.raises(ValueError, match=r"data.in_memory='yes' is not valid"):
+            validating.validate(OmegaConf.create({**base, "in_memory": "yes"}))
     with pytest.raises(ValueError, match=r"data.num_workers=-1 is not valid"):
         ImageSet(DigitsSource(), "test", [0], raw_shape=(1, 8, 8), channels=1, size=8, via=8, num_workers=-1)
 

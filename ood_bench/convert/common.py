@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,24 @@ def save_folder(
             shutil.rmtree(tmp)
     log.info("wrote %s", out)
     return out
+
+
+def converter_parser(doc: str | None, checkpoint_help: str) -> argparse.ArgumentParser:
+    """The command line every ``scripts/convert_*.py`` shares: checkpoint, output folder, overwrite, pickle."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("out", help="output folder (a diffusers UNet2DModel + scheduler)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--allow-pickle", action="store_true", help="torch.load with weights_only=False (trusted files)")
+    return p
+
+
+def run_converter(convert: Callable[[], object]) -> int:
+    """Run a conversion from a script: log to stderr; a ``UserError`` prints ``error: ...`` and exits with 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        convert()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

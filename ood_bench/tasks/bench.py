@@ -22,14 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ood_bench.data.bench import GROUPS, Bench, build_bench
-from ood_bench.data.transforms import PROTOCOLS
 from ood_bench.errors import UserError
 from ood_bench.figures.ood import write_score_figures
 from ood_bench.methods import Context, Method, Scores
 from ood_bench.metrics import CONVENTION, ood_metrics
 from ood_bench.metrics.bootstrap import auroc_ci, mean_auroc_ci
 from ood_bench.tasks.base import Task, TaskResult, extra_columns
-from ood_bench.tasks.ood import RUNTIME_DATA_KEYS
+from ood_bench.tasks.ood import RUNTIME_DATA_KEYS, validate_split_settings
 from ood_bench.tasks.shards import WHOLE, Scoring
 from ood_bench.utils import stable_hash, tensor_fingerprint
 
@@ -84,12 +83,7 @@ class BenchTask(Task):
     convention = CONVENTION
 
     def validate(self, data: DictConfig) -> None:
-        if data.resize_protocol not in PROTOCOLS:
-            raise ValueError(f"data.resize_protocol={data.resize_protocol!r} is not valid; valid: {list(PROTOCOLS)}")
-        for key in ("n_train", "n_id_test", "n_ood_test"):
-            v = data[key]
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise ValueError(f"data.{key}={v!r} is not valid; use a positive integer or null (all)")
+        validate_split_settings(data)
         if data.get("ood_classes") is not None:
             raise ValueError("data.ood_classes is not used by a benchmark; set data.ood_sets.<name>.classes instead")
         sets = data.get("ood_sets")

@@ -44,6 +44,21 @@ def load_pair(data_cfg: DictConfig) -> Pair:
     )
 
 
+def validate_split_settings(data: DictConfig) -> None:
+    """Check the data settings every ID-vs-OOD task shares: resize protocol, split sizes, how images are read."""
+    if data.resize_protocol not in PROTOCOLS:
+        raise ValueError(f"data.resize_protocol={data.resize_protocol!r} is not valid; valid: {list(PROTOCOLS)}")
+    for key in ("n_train", "n_id_test", "n_ood_test"):
+        v = data[key]
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ValueError(f"data.{key}={v!r} is not valid; use a positive integer or null (all)")
+    workers = data.get("num_workers", 0)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ValueError(f"data.num_workers={workers!r} is not valid; use an integer >= 0 (0: decode in the run)")
+    if not isinstance(data.get("in_memory", False), bool):
+        raise ValueError(f"data.in_memory={data.get('in_memory')!r} is not valid; valid: true or false")
+
+
 class OodTask(Task):
     """ID/OOD pairs (``conf/data/<id>_<ood>.yaml``); the default when ``data.task`` is absent."""
 
@@ -53,17 +68,7 @@ class OodTask(Task):
     convention = CONVENTION
 
     def validate(self, data: DictConfig) -> None:
-        if data.resize_protocol not in PROTOCOLS:
-            raise ValueError(f"data.resize_protocol={data.resize_protocol!r} is not valid; valid: {list(PROTOCOLS)}")
-        for key in ("n_train", "n_id_test", "n_ood_test"):
-            v = data[key]
-            if v is not None and (not isinstance(v, int) or v <= 0):
-                raise ValueError(f"data.{key}={v!r} is not valid; use a positive integer or null (all)")
-        workers = data.get("num_workers", 0)
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
-            raise ValueError(f"data.num_workers={workers!r} is not valid; use an integer >= 0 (0: decode in the run)")
-        if not isinstance(data.get("in_memory", False), bool):
-            raise ValueError(f"data.in_memory={data.get('in_memory')!r} is not valid; valid: true or false")
+        validate_split_settings(data)
 
     def data_identity(self, data: DictConfig) -> dict[str, Any]:
         ident = OmegaConf.to_container(data, resolve=True)
