@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_anomalysd import PATCH_STACK, TINY_STACK
 
-from ood_bench.models.sd_finetune import Augment, FinetuneConfig, _normalise_latents, training_batch
+from ood_bench.models.sd_finetune import Augment, FinetuneConfig, _normalise_latents, finetune, training_batch
 from ood_bench.models.sd_stack import PatchAutoencoder, build_scratch_stack
 from ood_bench.samplers.anomaly_masks import grid_masks, upsample_mask
 
@@ -60,6 +60,19 @@ def test_training_latents_are_the_latents_scored_at_inference(kind):
         eps = (batch.z0 - mean) / (post.std * stack.scaling_factor)
         assert not torch.allclose(batch.z0, mean)
         assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1) < 0.05, (eps.mean(), eps.std())
+
+
+def test_finetuning_refuses_a_stack_that_does_not_predict_the_noise(tmp_path):
+    """The fine-tuning loss regresses the noise; a v-prediction stack would be trained on one target and stepped at
+    inference (DDIM reads ``prediction_type``) as another, so it is refused before any training."""
+    stack = build_scratch_stack(PATCH_STACK, ["perfect", "tile"], seed=0)
+    stack.scheduler_config = {**stack.scheduler_config, "prediction_type": "v_prediction"}
+    shots, grid = dark_texture(1, 0), grid_masks(SIZE // stack.vae_scale_factor, 2, "checkerboard")
+    cfg = FinetuneConfig(batch_size=2, unet_steps=1, precision="fp32")
+    args = (stack, shots, [["perfect tile"]], grid, cfg, None, torch.device("cpu"), tmp_path)
+    with pytest.raises(ValueError, match="prediction_type='v_prediction'.*valid: 'epsilon'"):
+        finetune(*args, progress=False)
+    assert not (tmp_path / "unet").exists()
 
 
 def test_hierarchical_inference_prompts_average_the_unets_noise_over_the_prompts(tmp_path):

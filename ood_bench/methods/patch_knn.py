@@ -20,7 +20,8 @@ repeating the edge pixel as OpenCV's default border: 8 images per shot).
 ``mask_ref_images=False``): the first principal component of the test image's own patch features (centred; sign as
 scikit-learn's PCA: the component's largest-magnitude entry positive), thresholded at ``mask_threshold``
 (AnomalyDINO: 10, on DINOv2 features); if at most 35 % of the central crop (20 % border cut off each side) is kept,
-the sign is flipped; then a 3 x 3 dilation and a 3 x 3 closing (OpenCV's border semantics: the border neither grows
+the sign is flipped; then a 3 x 3 dilation and a 3 x 3 closing of the mask as AnomalyDINO applies them: to the
+``[h*w, 1]`` column of patches, i.e. along the raster order only (OpenCV's border semantics: the border neither grows
 nor erodes the mask).
 
 Deviations from PatchCore, by design for a few-shot reference: no coreset subsampling and no random projection (the
@@ -103,9 +104,13 @@ def pca_foreground(features: torch.Tensor, threshold: float, border: float = 0.2
     centre = mask[int(h * border) : int(h * (1 - border)), int(w * border) : int(w * (1 - border))]
     if centre.sum() <= centre.size * 0.35:
         mask = -pc > threshold
-    se = np.ones((kernel, kernel), dtype=bool)
-    mask = binary_dilation(mask, se)
-    return binary_erosion(binary_dilation(mask, se), se, border_value=1)  # closing; the border does not erode
+    # AnomalyDINO runs cv2.dilate / MORPH_CLOSE on the [h*w, 1] column of the first component, not on the grid: the
+    # 3 x 3 kernel acts along the raster order only (a patch grows into its left and right neighbours, wrapping from a
+    # row's end to the next row's start). Same here, with OpenCV's borders (they neither grow nor erode the mask).
+    flat, se = mask.reshape(-1), np.ones(kernel, dtype=bool)
+    flat = binary_dilation(flat, se)
+    flat = binary_erosion(binary_dilation(flat, se), se, border_value=1)  # closing
+    return flat.reshape(h, w)
 
 
 def top_mean(values: np.ndarray, fraction: float) -> np.ndarray:

@@ -340,6 +340,12 @@ def finetune(
     ``shot_prompts[i]`` lists the prompts shot ``i`` may be trained with; ``grid_latent`` (``[G, h, w]``, 1 = known)
     are the inference grid masks at latent resolution, mixed into the training masks.
     """
+    ptype = stack.scheduler_config.get("prediction_type", "epsilon")
+    if cfg.unet_steps > 0 and ptype != "epsilon":  # _train_unet regresses the noise; inference reads ptype
+        raise ValueError(
+            f"{stack.source}: its scheduler's prediction_type={ptype!r}, but AnomalySD's fine-tuning trains the UNet "
+            "on the noise (epsilon) target; valid: 'epsilon' (SD-inpainting checkpoints), or unet_steps=0"
+        )
     if resume_dir is not None:
         resume_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
