@@ -4,12 +4,13 @@ overlay at full size on synthetic data in the real layouts (slow: scripts/fast_d
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import synthetic_layouts
 import torch
-from conftest import CONF_DIR, REPO_ROOT, load_script
+from conftest import CONF_DIR, load_script
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -161,15 +162,27 @@ def test_synthetic_cifar100_loads_only_in_the_mode(tmp_path):
     assert len(src.labels("test")) == synthetic_layouts.N_TEST
 
 
+# RAM an overlay's fast_dev_run needs beyond the others, measured (docs/fast_dev_run.md): the SD-inpainting UNet
+# (860 M parameters) fine-tuned in fp32 with AdamW and an EMA copy reached 19.96 GB RSS before its second step ended
+NEEDS_GB = {"anomalysd_mvtec_1shot": 22, "anomalysd_visa_1shot": 22}
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: line.split()[1] for line in f}
+    return int(info.get("MemAvailable", 0)) / 2**20
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_runs_at_full_size(overlay, tmp_path_factory):
     """Every sweep cell of the overlay, at full size, finishes with finite metrics (scripts/fast_dev_run_all.py)."""
+    if overlay in NEEDS_GB and Path("/proc/meminfo").is_file() and _available_gb() < NEEDS_GB[overlay]:
+        pytest.skip(f"{overlay} needs ~{NEEDS_GB[overlay]} GB of free RAM (SD-inpainting fine-tuning at 512 px)")
     script = load_script("fast_dev_run_all")
     data = synthetic_layouts.write_all(tmp_path_factory.getbasetemp() / "fast_dev_run_data")
     res = script.run_overlay(overlay, data, tmp_path_factory.mktemp(overlay))
-    log = (tmp_path_factory.getbasetemp() / "log").as_posix()
-    assert res.returncode == 0, f"{overlay}: exit {res.returncode} ({log})"
+    assert res.returncode == 0, f"{overlay}: exit {res.returncode} (its log.txt under {tmp_path_factory.getbasetemp()})"
     assert res.cells == res.expected_cells, f"{overlay}: {res.cells} of {res.expected_cells} cells"
     assert res.finite and res.params > 0
-    assert math.isfinite(res.seconds) and REPO_ROOT.is_dir()
+    assert math.isfinite(res.seconds) and res.peak_rss_mb > 0
