@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import synthetic_layouts
 import torch
-from conftest import CONF_DIR, load_script
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -179,7 +179,11 @@ def test_overlay_runs_at_full_size(overlay, tmp_path_factory):
     """Every sweep cell of the overlay, at full size, finishes with finite metrics (scripts/fast_dev_run_all.py)."""
     if overlay in NEEDS_GB and Path("/proc/meminfo").is_file() and _available_gb() < NEEDS_GB[overlay]:
         pytest.skip(f"{overlay} needs ~{NEEDS_GB[overlay]} GB of free RAM (SD-inpainting fine-tuning at 512 px)")
-    script = load_script("fast_dev_run_all")
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(CONF_DIR.parent / "scripts"))
+    script = importlib.import_module("fast_dev_run_all")  # (a dataclass module: imported, not exec'd)
     data = synthetic_layouts.write_all(tmp_path_factory.getbasetemp() / "fast_dev_run_data")
     res = script.run_overlay(overlay, data, tmp_path_factory.mktemp(overlay))
     assert res.returncode == 0, f"{overlay}: exit {res.returncode} (its log.txt under {tmp_path_factory.getbasetemp()})"
