@@ -136,8 +136,18 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
 
     ``on_store`` is called with the run's ``RunStore`` once the config hash is known (the entry point uses it
     to leave a FAILED marker in the run folder when the run fails). ``plan=true`` plans the cell instead
-    (``ood_bench/plan.py``: FLOPs, memory, hours) and runs nothing heavy.
+    (``ood_bench/plan.py``: FLOPs, memory, hours) and runs nothing heavy. ``fast_dev_run=true``
+    (``debug=fast_dev_run``) runs the cell's ``ood_bench/fast_dev_run.py`` form: full size, few images, 2 steps.
     """
+    if not cfg.get("fast_dev_run"):
+        return _run(cfg, on_store)
+    from ood_bench import fast_dev_run
+
+    with fast_dev_run.mode(True), fast_dev_run.ParamCounter() as counter:
+        return _run(fast_dev_run.rewrite(cfg), on_store, counter)
+
+
+def _run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None, counter: Any = None) -> dict[str, Any]:
     if cfg.get("plan"):
         from ood_bench.plan import plan_run
 
@@ -165,6 +175,8 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
     identity = config_identity(cfg, method_cfg, method.uses_image_model, set(method.runtime_keys))
     if classifier_cfg is not None:
         identity["classifier"] = classifier_cfg
+    if cfg.get("fast_dev_run"):  # only then: the hashes of real runs stay as they were
+        identity["fast_dev_run"] = True
     config_hash = stable_hash(identity)
     store = RunStore(cfg.paths.results_dir, method.name, cfg.data.name, config_hash)
     if on_store is not None:
@@ -217,9 +229,10 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
         "model": cfg.model.name if method.uses_image_model else "",
         "deviations": "; ".join(cfg.get("deviations") or []),
         **shards,
+        **({"fast_dev_run": True, "fast_dev_run_params": counter.total} if counter is not None else {}),
         **{f"method.{k}": v for k, v in (result.describe or method.describe()).items()},
     }
-    rows = [{**common, **row} for row in result.rows]
+    rows = [{**common, **row, **({"fast_dev_run": True} if counter is not None else {})} for row in result.rows]
     store.write(
         record,
         result.per_sample,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -114,6 +117,11 @@ def check_precision(precision: str, device: torch.device, key: str = "method.pre
     if precision not in PRECISIONS:
         raise ValueError(f"{key}={precision!r} is not valid; valid: {list(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
+        from ood_bench import fast_dev_run
+
+        if fast_dev_run.active():  # the GPU config's dtype path, emulated on this device (slow, but it runs)
+            log.warning("FAST_DEV_RUN: %s=fp16 on %s (CPU autocast to float16; a GPU run uses CUDA's)", key, device)
+            return
         raise ValueError(f"{key}=fp16 needs a CUDA device (running on {device}); use {key}=bf16 or fp32 here")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"{key}=bf16 is not supported by this GPU; use {key}=fp16 or fp32")

@@ -52,8 +52,13 @@ def knn(size: int = 32, **kw) -> PatchKNN:
 
 
 # ---------------------------------------------------------------------------------------------- references
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_nearest_distance_equals_brute_force(distance: str) -> None:
+def test_nearest_distance_equals_brute_force(distance: str, chunked: bool, monkeypatch) -> None:
+    import ood_bench.methods.patch_knn as patch_knn
+
+    if chunked:  # 7 query rows per product (the bound that keeps a 512-px multi-class bank in memory)
+        monkeypatch.setattr(patch_knn, "MATRIX_BYTES", 4 * 50 * 7)
     g = torch.Generator().manual_seed(0)
     bank, query = torch.randn(50, 7, generator=g), torch.randn(30, 7, generator=g)
     m = knn(distance=distance)

@@ -41,8 +41,10 @@ from ood_bench.methods.base import Context, Method, Scores, check_choice, check_
 from ood_bench.models.sd_finetune import FOREGROUNDS, VAE_MODES, Augment, FinetuneConfig, finetune
 from ood_bench.models.sd_stack import (
     SDStack,
+    StackNotFoundError,
     load_stack,
     prompt_words,
+    random_known_stack_dir,
     scratch_factor,
     scratch_stack_dir,
     validate_scratch_cfg,
@@ -406,11 +408,18 @@ class AnomalySD(Method):
 
     def _base_stack(self, ctx: Context, labels: np.ndarray) -> SDStack:
         """The stack before fine-tuning: the pretrained checkpoint, or the (cached) stack built from configs."""
+        words = prompt_words(p for c in sorted(set(labels)) for p in self.prompts_for(self.names[c]))
         if self.stack_ref is not None:
             self._base_dir = self.stack_ref
             self.base_source = f"pretrained:{self.stack_ref}"
-            return load_stack(self.stack_ref)
-        words = prompt_words(p for c in sorted(set(labels)) for p in self.prompts_for(self.names[c]))
+            try:
+                return load_stack(self.stack_ref)
+            except StackNotFoundError as err:  # debug=fast_dev_run only: the published architecture, random
+                folder, key = random_known_stack_dir(ctx.cache, self.stack_ref, words, self.scratch_seed, err)
+                self._base_dir, self.base_source = str(folder), f"random(fast_dev_run):{key}"
+                stack = load_stack(str(folder))
+                stack.source = self.base_source
+                return stack
         folder, key = scratch_stack_dir(ctx.cache, self.scratch, words, self.scratch_seed)
         self._base_dir = str(folder)
         self.base_source = f"scratch:{key}"

@@ -50,6 +50,7 @@ from ood_bench.utils import PRECISIONS, autocast, check_precision
 log = logging.getLogger(__name__)
 
 IMAGE_SCORES = ("max", "topk_mean")
+MATRIX_BYTES = 1 << 30  # largest query x bank distance matrix computed in one product
 IMAGE_SCORE_ON = ("map", "patches")
 DISTANCES = ("l2", "cosine")
 SHOT_AUGMENTS = ("none", "rot90", "flips_rot90", "rotations")
@@ -252,8 +253,13 @@ class PatchKNN(Method):
     @torch.no_grad()
     def _nearest(self, query: torch.Tensor) -> torch.Tensor:
         """Distance of every query row to its nearest bank row: Euclidean (``|q|^2 + |b|^2 - 2 q.b``, clamped) or
-        cosine (``1 - q.b / (|q| |b|)``, the bank already unit-norm)."""
+        cosine (``1 - q.b / (|q| |b|)``, the bank already unit-norm). Query rows go in chunks whose distance matrix
+        stays under ``MATRIX_BYTES`` (at 512 px, 15 shots x 8 views, one batch's full matrix is 30 GB); sizes
+        under it take one product, as before."""
         bank = self.bank.to(query.device)
+        rows = max(1, MATRIX_BYTES // (4 * max(1, bank.shape[0])))
+        if query.shape[0] > rows:
+            return torch.cat([self._nearest(query[s : s + rows]) for s in range(0, query.shape[0], rows)])
         if self.distance == "cosine":
             return (1.0 - F.normalize(query, dim=1) @ bank.T).min(dim=1).values.clamp_min_(0)
         d2 = query.pow(2).sum(1, keepdim=True) + bank.pow(2).sum(1)[None] - 2.0 * query @ bank.T

@@ -272,7 +272,16 @@ def _pretrained_classes(cfg: dict[str, Any], num_classes: int) -> list[int]:
 def load_cifar_resnet(cfg: dict[str, Any], weights_dir: Path | None) -> Classifier:
     """A CIFAR ResNet from a checkpoint: a state dict, or a dict holding one under ``state_dict``; ``module.``
     prefixes (DataParallel) are removed."""
-    path = _weights_file(str(cfg["checkpoint"]), weights_dir, "checkpoint")
+    try:
+        path = _weights_file(str(cfg["checkpoint"]), weights_dir, "checkpoint")
+    except FileNotFoundError as err:
+        from ood_bench import fast_dev_run
+
+        fast_dev_run.random_init(f"the CIFAR ResNet-{cfg['depth']} classifier", str(cfg["checkpoint"]), err)
+        num_classes = len(cfg.get("classes") or range(10))
+        torch.manual_seed(0)
+        net = CifarResNet(int(cfg["depth"]), num_classes=num_classes)
+        return _wrap(net.eval(), cfg, _pretrained_classes(cfg, num_classes), 3, "random(fast_dev_run)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt)
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -295,11 +304,18 @@ def load_torchvision(cfg: dict[str, Any], weights_dir: Path | None) -> Classifie
         try:
             state = enum.get_state_dict(progress=False)
         except Exception as err:  # download errors come as URLError, OSError, RuntimeError...
-            raise FileNotFoundError(
+            missing = FileNotFoundError(
                 f"classifier {arch} weights {weights} could not be fetched from {enum.url} ({type(err).__name__}: "
                 f"{err}). Download that URL into the torch hub cache (~/.cache/torch/hub/checkpoints/) on a machine "
                 f"with internet, or save the state dict into paths.weights_dir and set classifier.weights=<file>."
-            ) from err
+            )
+            missing.__cause__ = err
+            from ood_bench import fast_dev_run
+
+            fast_dev_run.random_init(f"the {arch} classifier", enum.url, missing)
+            torch.manual_seed(0)
+            net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+            return _wrap(net.eval(), cfg, _pretrained_classes(cfg, num_classes), 3, "random(fast_dev_run)")
         source = f"torchvision:{arch}.{weights}"
     else:
         path = _weights_file(weights, weights_dir, "weights")

@@ -292,6 +292,18 @@ def _train_unet(
     )
 
 
+def _random_pretrained(model_cfg: dict[str, Any], ref: str, err: WeightsNotFoundError) -> UNet2DModel:
+    """debug=fast_dev_run only: the published architecture of ``model.name`` with random weights; else ``err``."""
+    from ood_bench import fast_dev_run
+    from ood_bench.plan import KNOWN_ARCHITECTURES
+
+    if model_cfg.get("name") not in KNOWN_ARCHITECTURES:
+        raise err
+    fast_dev_run.random_init(f"the {model_cfg['name']} UNet", ref, err)
+    torch.manual_seed(0)
+    return UNet2DModel.from_config(dict(KNOWN_ARCHITECTURES[model_cfg["name"]]))
+
+
 def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> DiffusionModel:
     """Load ``model.pretrained`` (hub id or local folder) with its scheduler config when it ships one."""
     ref = str(model_cfg["pretrained"])
@@ -302,12 +314,14 @@ def load_pretrained(model_cfg: dict[str, Any], device: torch.device) -> Diffusio
     try:
         unet = UNet2DModel.from_pretrained(str(local) if local.is_dir() else ref, subfolder=sub)
     except (OSError, ValueError) as err:
-        raise WeightsNotFoundError(
+        missing = WeightsNotFoundError(
             f"model.pretrained={ref!r} could not be loaded ({err}). Give a local folder holding a diffusers "
             f"UNet2DModel (config.json + weights), or a Hugging Face hub id with internet access. Offline: "
             f"`huggingface-cli download {ref} --local-dir <dir>` on a machine with internet, copy <dir> here, "
             f"and set model.pretrained=<dir>."
-        ) from err
+        )
+        missing.__cause__ = err
+        unet = _random_pretrained(model_cfg, ref, missing)
     sched_cfg = dict(model_cfg["scheduler"])
     for cand in ("scheduler", None):
         try:

@@ -283,6 +283,19 @@ def load_backbone(
     model.eval().requires_grad_(False)
     if weights == "none":
         return model, f"none(seed={init_seed})"
+    try:
+        return _fill(model, name, weights, weights_dir)
+    except EncoderWeightsError as err:
+        from ood_bench import fast_dev_run
+
+        fast_dev_run.random_init(f"the {name} encoder", f"{name} weights {weights!r}", err)
+        return model, f"random(fast_dev_run, seed={init_seed})"
+
+
+def _fill(
+    model: nn.Module, name: str, weights: str, weights_dir: str | os.PathLike[str] | None
+) -> tuple[nn.Module, str]:
+    """Load ``weights`` into ``model`` (``load_backbone``'s lookup order); return ``(model, weights_id)``."""
     wdir = Path(weights_dir) if weights_dir else Path(os.environ.get("OOD_BENCH_WEIGHTS", "weights"))
     path = Path(weights).expanduser()
     if weights != "auto" and (path.suffix in (".pth", ".pt", ".bin", ".th") or "/" in weights or path.exists()):

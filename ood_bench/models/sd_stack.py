@@ -408,3 +408,53 @@ def scratch_stack_dir(cache, cfg: dict[str, Any], words: Sequence[str], seed: in
 
     entry, _ = cache.get_or_create("sd_stack", spec, build)
     return entry, entry.name
+
+
+# CLIP ViT-L/14's text tower (SD 1.x): transformers CLIPTextConfig of openai/clip-vit-large-patch14
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+def random_known_stack_dir(cache, ref: str, words: Sequence[str], seed: int, err: BaseException) -> tuple[Path, str]:
+    """debug=fast_dev_run only: the published architecture of stack ``ref`` (``plan.KNOWN_SD_STACKS``) with random
+    weights, saved in the cache in the diffusers layout; outside the mode (or for an unknown ``ref``) ``err``."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ood_bench import fast_dev_run
+    from ood_bench.plan import KNOWN_SD_STACKS
+
+    if ref not in KNOWN_SD_STACKS:
+        raise err
+    fast_dev_run.random_init(f"the SD-inpainting stack {ref} (UNet, VAE, CLIP text encoder)", ref, err)
+    unet_cfg, vae_cfg = (dict(c) for c in KNOWN_SD_STACKS[ref])
+    spec = {"random_known": ref, "words": sorted(set(words)), "seed": seed, "scheduler": SD_SCHEDULER}
+
+    def build(tmp: Path) -> None:
+        tokenizer = build_tokenizer(words, int(SD15_TEXT["max_position_embeddings"]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel.from_config(unet_cfg)
+            vae = AutoencoderKL.from_config({**vae_cfg, "scaling_factor": 0.18215})
+            text = CLIPTextModel(
+                CLIPTextConfig(
+                    **SD15_TEXT,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            )
+        stack = SDStack(unet, vae, text, tokenizer, dict(SD_SCHEDULER), f"random:{ref}")
+        check_stack(stack)
+        stack.save(tmp)
+        (tmp / "stack.json").write_text(json.dumps({"kind": "random(fast_dev_run)", "ref": ref}, indent=2))
+
+    entry, _ = cache.get_or_create("sd_stack", spec, build)
+    return entry, entry.name
