@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the terms: image and pixel AUROC over image_score x fusion x alpha x sigma",
     )
     p.add_argument("--filter", nargs="*", default=[], help="only map sets whose description contains each string")
+    p.add_argument("--exclude", nargs="*", default=[], help="leave out map sets whose description contains one")
     args = p.parse_args(argv)
 
     cfg = OmegaConf.load(ROOT / "conf" / "category" / f"{args.category}.yaml")
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         by_model.setdefault(map_set(spec), {}).update(zip(map(int, spec["indices"]), maps))
     if args.filter:
         by_model = {m: v for m, v in by_model.items() if all(f in m for f in args.filter)}
+    by_model = {m: v for m, v in by_model.items() if not any(x in m for x in args.exclude)}
     texture = local_std(cat.test_images)
     pixels = np.random.default_rng(0).choice(texture.size, min(texture.size, 200_000), replace=False)
     how, frac = args.image_score, args.topk_fraction
