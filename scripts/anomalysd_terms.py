@@ -45,6 +45,23 @@ def variants(scales: np.ndarray, pg: np.ndarray, knn: np.ndarray, sigma: float) 
     }
 
 
+def grid(scales: np.ndarray, pg: np.ndarray, frac: float):
+    """Yield ``((image_score, fusion, alpha, sigma), map)`` over the scoring settings that need no UNet call."""
+    for fusion in ("harmonic", "mean"):
+        for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+            fused = fuse(scales, pg, alpha, fusion)
+            for sigma in (0.0, 2.0, 4.0, 8.0):
+                m = smooth(fused, sigma)
+                for score in ("max", "topk_mean"):
+                    yield (score, fusion, alpha, sigma), m
+
+
+def map_set(spec: dict) -> str:
+    """One set of cached maps: the fine-tuned model and the inference settings that differ between runs."""
+    extra = [f"{k}={spec[k]}" for k in ("inference_prompts", "mask_layout", "mask_scales", "strength") if k in spec]
+    return " ".join([spec["model"], *extra])
+
+
 def local_std(images: torch.Tensor, size: int = 7) -> np.ndarray:
     """``[N, H, W]``: the standard deviation of the grey values in a ``size`` x ``size`` window around each pixel."""
     g = images.double().mean(1, keepdim=True)  # float64: E[g²] - E[g]² cancels on flat regions
@@ -61,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0, help="data.seed (the test subset draw)")
     p.add_argument("--sigma", type=float, default=4.0)
+    p.add_argument("--image-score", choices=("max", "topk_mean"), default="max", help="as method.image_score")
+    p.add_argument("--topk-fraction", type=float, default=0.01, help="as method.topk_fraction")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="instead of the terms: image and pixel AUROC over image_score x fusion x alpha x sigma",
+    )
+    p.add_argument("--filter", nargs="*", default=[], help="only map sets whose description contains each string")
+    p.add_argument("--exclude", nargs="*", default=[], help="leave out map sets whose description contains one")
     args = p.parse_args(argv)
 
     cfg = OmegaConf.load(ROOT / "conf" / "category" / f"{args.category}.yaml")
@@ -74,27 +100,42 @@ def main(argv: list[str] | None = None) -> int:
     for spec_file in sorted((args.cache / "anomalysd_maps").glob("*/spec.json")):
         spec = json.loads(spec_file.read_text())
         maps = np.load(spec_file.parent / "array.npy")
-        by_model.setdefault(spec["model"], {}).update(zip(map(int, spec["indices"]), maps))
+        by_model.setdefault(map_set(spec), {}).update(zip(map(int, spec["indices"]), maps))
+    if args.filter:
+        by_model = {m: v for m, v in by_model.items() if all(f in m for f in args.filter)}
+    by_model = {m: v for m, v in by_model.items() if not any(x in m for x in args.exclude)}
     texture = local_std(cat.test_images)
     pixels = np.random.default_rng(0).choice(texture.size, min(texture.size, 200_000), replace=False)
+    how, frac = args.image_score, args.topk_fraction
     results, rho_pixels, rho_images = [], [], []
     for model, maps in by_model.items():
         if not all(r in maps for r in rows):
             continue
         arr = np.stack([maps[r] for r in rows]).astype(np.float64)
         k = arr.shape[1] - 2
+        if args.grid:
+            for (score, fusion, alpha, sigma), m in grid(arr[:, :k], arr[:, k], frac):
+                results.append(
+                    {
+                        "model": model,
+                        "variant": f"{score} {fusion} alpha={alpha} sigma={sigma}",
+                        "image_auroc": roc_auc_score(cat.test_labels, image_scores(m, score, frac)),
+                        "pixel_auroc": roc_auc_score(cat.test_masks.ravel(), m.ravel()),
+                    }
+                )
+            continue
         terms = variants(arr[:, :k], arr[:, k], arr[:, k + 1], args.sigma)
         terms["input texture: 7x7 local std (no model)"] = texture
         terms["input flatness: -texture (no model)"] = -texture
         s_ms = terms["S_ms only (alpha 0)"]
         rho_pixels.append(spearmanr(s_ms.ravel()[pixels], texture.ravel()[pixels])[0])
-        rho_images.append(spearmanr(image_scores(s_ms, "max", 0.0), texture.mean(axis=(1, 2)))[0])
+        rho_images.append(spearmanr(image_scores(s_ms, how, frac), texture.mean(axis=(1, 2)))[0])
         for name, m in terms.items():
             results.append(
                 {
                     "model": model,
                     "variant": name,
-                    "image_auroc": roc_auc_score(cat.test_labels, image_scores(m, "max", 0.0)),
+                    "image_auroc": roc_auc_score(cat.test_labels, image_scores(m, how, frac)),
                     "pixel_auroc": roc_auc_score(cat.test_masks.ravel(), m.ravel()),
                 }
             )
@@ -103,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     frame = pd.DataFrame(results)
     summary = frame.groupby("variant", sort=False)[["image_auroc", "pixel_auroc"]].agg(["mean", "std"])
-    print(f"{args.category}: {frame['model'].nunique()} fine-tuned models, {len(rows)} test images")
+    print(f"{args.category}: {frame['model'].nunique()} map sets, {len(rows)} test images, image score {how}", end="")
+    print(f" (top {frac:g})" if how == "topk_mean" or args.grid else "")
+    for model in frame["model"].unique():
+        print(f"  {model}")
     print(summary.round(3).to_markdown())
     for what, rho in (("test pixels", rho_pixels), ("images (image score vs mean texture)", rho_images)):
-        spread = np.std(rho, ddof=1) if len(rho) > 1 else 0.0
-        print(f"Spearman correlation of S_ms with the input texture over {what}: {np.mean(rho):.3f} ± {spread:.3f}")
+        if rho:
+            spread = np.std(rho, ddof=1) if len(rho) > 1 else 0.0
+            print(f"Spearman correlation of S_ms with the input texture over {what}: {np.mean(rho):.3f} ± {spread:.3f}")
     return 0
 
 

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ood_bench.costs import phase
 from ood_bench.distances.feature_maps import WEIGHTINGS, AlexFeatureMaps, check_layers, nearest_prototype_distance
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
+from ood_bench.methods.patch_knn import top_mean
 from ood_bench.models.sd_finetune import FOREGROUNDS, VAE_MODES, Augment, FinetuneConfig, finetune
 from ood_bench.models.sd_stack import (
     SDStack,
@@ -87,12 +88,10 @@ def fuse(scale_maps: np.ndarray, pg_map: np.ndarray, alpha: float, fusion: str) 
 
 
 def image_scores(maps: np.ndarray, how: str, topk: float) -> np.ndarray:
-    """Per-image score from ``[N, H, W]`` maps: the max, or the mean of the top ``topk`` share of pixels."""
+    """Per-image score from ``[N, H, W]`` maps: the max, or the mean of the top ``int(topk · pixels)`` (at least 1;
+    patch_knn's and AnomalyDINO's ``mean_top1p``)."""
     flat = maps.reshape(len(maps), -1)
-    if how == "max":
-        return flat.max(axis=1)
-    k = max(1, int(round(topk * flat.shape[1])))
-    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+    return flat.max(axis=1) if how == "max" else top_mean(flat, topk)
 
 
 def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
