@@ -232,7 +232,7 @@ def _run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None, co
         **({"fast_dev_run": True, "fast_dev_run_params": counter.total} if counter is not None else {}),
         **{f"method.{k}": v for k, v in (result.describe or method.describe()).items()},
     }
-    rows = [{**common, **row, **({"fast_dev_run": True} if counter is not None else {})} for row in result.rows]
+    rows = [{**common, **row} for row in result.rows]
     store.write(
         record,
         result.per_sample,
