@@ -156,3 +156,41 @@ def test_finetuned_stack_repaints_a_planted_blob(tmp_path):
     pixel_auroc = roc_auc_score(masks.numpy().ravel(), s.maps[:8].ravel())
     assert pixel_auroc >= 0.9, pixel_auroc
     assert (s.values[:8] > s.values[8:]).all(), (s.values[:8], s.values[8:])
+
+
+def test_ema_decay_zero_trains_without_a_shadow_copy_and_equals_the_ema_path(tmp_path):
+    """At ``ema_decay=0`` diffusers' EMA (with warm-up: decay = min(warm-up decay, 0)) copies the weights at every
+    step, so fine-tuning keeps no shadow copy (3.4 GB for SD-1.5's UNet); the result equals a run that keeps one
+    (decay 1e-12) and differs from a real EMA (decay 0.5)."""
+    from diffusers.training_utils import EMAModel
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMAModel([p], decay=0.0, use_ema_warmup=True, power=0.75)
+    for v in (1.0, -2.0, 5.0):
+        p.data.fill_(v)
+        ema.step([p])
+        torch.testing.assert_close(ema.shadow_params[0], p.data, rtol=0, atol=0)
+
+    def tuned(decay: float) -> dict[str, torch.Tensor]:
+        stack = build_scratch_stack(PATCH_STACK, ["perfect", "tile"], seed=0)
+        shots, grid = dark_texture(2, 0), grid_masks(SIZE // stack.vae_scale_factor, 2, "checkerboard")
+        cfg = FinetuneConfig(
+            batch_size=2, unet_steps=3, lr=1e-2, warmup_steps=1, ema_decay=decay, precision="fp32", vae_mode="none"
+        )
+        finetune(
+            stack,
+            shots,
+            [["perfect tile"]] * 2,
+            grid,
+            cfg,
+            None,
+            torch.device("cpu"),
+            tmp_path / str(decay),
+            progress=False,
+        )
+        return {k: v.clone() for k, v in stack.unet.state_dict().items()}
+
+    plain, shadow, real = tuned(0.0), tuned(1e-12), tuned(0.5)
+    for k in plain:
+        torch.testing.assert_close(plain[k], shadow[k], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(plain[k], real[k]) for k in plain)
