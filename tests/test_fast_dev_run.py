@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ood_bench import fast_dev_run
-from ood_bench.fast_dev_run import CUT_KEYS, ParamCounter, changed_keys, rewrite
+from ood_bench.fast_dev_run import ParamCounter, changed_keys, rewrite
 
 OVERLAYS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # settings a fast_dev_run must never change (the point of the mode: the GPU config as declared)
@@ -74,7 +74,8 @@ def test_rewrite_changes_only_sizes_and_steps(composed):
     assert len(OVERLAYS) == 18
     for name, (before, after) in composed.items():
         changed = changed_keys(before, after)
-        assert changed <= CUT_KEYS, f"{name}: changed {sorted(changed - CUT_KEYS)} outside CUT_KEYS"
+        outside = sorted(k for k in changed if not fast_dev_run.is_cut_key(k))
+        assert not outside, f"{name}: changed {outside} outside CUT_KEYS"
         for key in KEPT:
             assert OmegaConf.select(before, key) == OmegaConf.select(after, key), f"{name}: {key} changed"
         assert after.fast_dev_run is True
@@ -86,6 +87,9 @@ def test_rewrite_cuts_data_steps_and_batches(composed):
     for name, (before, after) in composed.items():
         if after.data.get("task") == "anomaly":
             assert after.data.n_test == fast_dev_run.N_TEST_ANOMALY and len(after.data.shot_seeds) == 1
+            n_cats = min(len(before.data.categories), fast_dev_run.N_CATEGORIES)
+            assert list(after.data.categories) == list(before.data.categories)[:n_cats], name
+            assert after.data.mode == before.data.mode, name
         else:
             assert after.data.n_train == fast_dev_run.N_TRAIN, name
             assert after.data.n_id_test == after.data.n_ood_test == fast_dev_run.N_TEST, name
@@ -106,6 +110,7 @@ def test_rewrite_cuts_data_steps_and_batches(composed):
 
 
 def test_random_init_refused_outside_the_mode(tmp_path, caplog):
+    from ood_bench.distances.lpips import LPIPSDistance
     from ood_bench.errors import WeightsNotFoundError
     from ood_bench.models.classifier import load_cifar_resnet
     from ood_bench.models.diffusion import load_pretrained
@@ -121,13 +126,20 @@ def test_random_init_refused_outside_the_mode(tmp_path, caplog):
         load_cifar_resnet(clf_cfg, tmp_path)
     with pytest.raises(EncoderWeightsError, match="absent_resnet18"):
         load_backbone("resnet18", str(tmp_path / "absent_resnet18.pth"))
+    with pytest.raises(WeightsNotFoundError, match="absent_alex"):
+        LPIPSDistance("alex", str(tmp_path / "absent_alex.pth"))
     with fast_dev_run.mode(True), caplog.at_level("WARNING"):
+        lp = LPIPSDistance("alex", str(tmp_path / "absent_alex.pth"))
         unet = load_pretrained(model_cfg, torch.device("cpu")).unet
         clf = load_cifar_resnet(clf_cfg, tmp_path)
         enc, weights_id = load_backbone("resnet18", str(tmp_path / "absent_resnet18.pth"))
     assert sum(p.numel() for p in unet.parameters()) == 35_746_307  # google/ddpm-cifar10-32's architecture
     assert clf.source == "random(fast_dev_run)" and weights_id.startswith("random(fast_dev_run")
     assert sum(p.numel() for p in enc.parameters()) == 11_689_512  # torchvision ResNet-18
+    assert (
+        lp.weights_source == "random(fast_dev_run)"
+        and float(lp(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))) > 0
+    )
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "FAST_DEV_RUN" in r.getMessage()]
     assert any("absent_unet" in m for m in warned) and any("absent_resnet20" in m for m in warned)
     assert not fast_dev_run.active()  # the mode ends with its block

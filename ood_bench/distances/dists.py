@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ood_bench.distances.base import Distance
-from ood_bench.distances.lpips import _features_state_dict
+from ood_bench.distances.lpips import _features_or_random
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def build_piq_dists(weights_dir: str | Path | None) -> tuple[torch.nn.Module, st
         )
     ab = torch.load(ab_path, map_location="cpu", weights_only=True)
     try:
-        state, source = _features_state_dict("vgg", "auto", weights_dir)
+        state, source = _features_or_random("vgg", "auto", weights_dir)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"DISTS needs the ImageNet VGG16 features: {err}") from err
     vgg = torchvision.models.vgg16(weights=None).features

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ood_bench import fast_dev_run
 from ood_bench.distances.base import Distance
 from ood_bench.errors import WeightsNotFoundError
 
@@ -55,6 +56,20 @@ def _features_state_dict(net: str, weights: str, weights_dir: str | Path | None)
     return model.features.state_dict(), f"torchvision:{enum_name}.IMAGENET1K_V1"
 
 
+def _features_or_random(net: str, weights: str, weights_dir: str | Path | None) -> tuple[dict, str]:
+    """``_features_state_dict``; under debug=fast_dev_run a missing backbone is random (seeded, WARNING)."""
+    try:
+        return _features_state_dict(net, weights, weights_dir)
+    except WeightsNotFoundError as err:
+        fast_dev_run.random_init(f"the LPIPS-{net} backbone", f"LPIPS-{net} weights {weights!r}", err)
+    import torchvision
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, NETS[net][1])(weights=None)
+    return model.features.state_dict(), "random(fast_dev_run)"
+
+
 class LPIPSDistance(Distance):
     """LPIPS v0.1 with ImageNet features; inputs below the net's minimum size are upsampled (recorded)."""
 
@@ -67,7 +82,7 @@ class LPIPSDistance(Distance):
 
         self.net_name = net
         self.min_size = NETS[net][3]
-        state, self.weights_source = _features_state_dict(net, weights, weights_dir)
+        state, self.weights_source = _features_or_random(net, weights, weights_dir)
         self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval()
         self._load_backbone(state)
         for p in self.model.parameters():
