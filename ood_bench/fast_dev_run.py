@@ -33,11 +33,14 @@ log = logging.getLogger(__name__)
 N_TRAIN = 4  # ID training images (OOD pairs)
 N_TEST = 3  # ID and OOD test images (OOD pairs)
 N_TEST_ANOMALY = 4  # test images per category (stratified: normal and defective)
+N_CATEGORIES = 2  # anomaly categories kept (the first ones in config order): a multi-class run stays multi-class
 STEPS = 2  # training steps and sampling steps
 BATCH = 4  # largest batch of any loop (a few images)
 TRAIN_BATCH_ANOMALY = 1  # SD-inpainting fine-tuning batch (one shot per category; 860 M parameters at 512 px)
 
-# Every key the rewrite may change; tests/test_fast_dev_run.py checks that nothing else changes.
+# Every key the rewrite may change (with what lies below it); tests/test_fast_dev_run.py checks that nothing else
+# changes. data.categories: anomaly sweeps keep their first N_CATEGORIES categories (a few images per split: the 15
+# MVTec categories x 4 test images would be 60 SD-inpainting scorings of ~4 min each on a CPU).
 CUT_KEYS = frozenset(
     {
         "task_name",
@@ -47,6 +50,7 @@ CUT_KEYS = frozenset(
         "data.n_id_test",
         "data.n_ood_test",
         "data.n_test",
+        "data.categories",
         "data.shot_seeds",
         "model.train.steps",
         "model.train.warmup_steps",
@@ -131,6 +135,10 @@ def rewrite(cfg: DictConfig) -> DictConfig:
             seeds = list(_get(cfg, "data.shot_seeds") or [0])
             _set(out, "data.shot_seeds", seeds[:1])
             _cap(out, "data.n_test", N_TEST_ANOMALY)
+            cats = _get(out, "data.categories")
+            if isinstance(cats, DictConfig) and len(cats) > N_CATEGORIES:
+                for key in list(cats.keys())[N_CATEGORIES:]:
+                    del cats[key]
         else:
             _cap(out, "data.n_train", N_TRAIN)
             _cap(out, "data.n_id_test", N_TEST)
@@ -160,6 +168,11 @@ def rewrite(cfg: DictConfig) -> DictConfig:
             if isinstance(m.get("eval_batch"), int):  # LMD: all repeats of a capped batch in one call
                 _cap(out, "method.eval_batch", BATCH * int(m.get("reps") or 1))
     return out
+
+
+def is_cut_key(path: str) -> bool:
+    """Whether the rewrite may change the leaf at dotted ``path`` (a key of ``CUT_KEYS`` or below one)."""
+    return any(path == k or path.startswith(k + ".") for k in CUT_KEYS)
 
 
 def changed_keys(before: DictConfig, after: DictConfig) -> set[str]:
