@@ -2,9 +2,10 @@
 
 The mode proves a GPU-sized configuration (every architecture, resolution, sampler, precision and distance it
 declares) on any machine before the real run: shape, dtype and memory errors surface in minutes instead of hours
-into a GPU job. ``rewrite`` changes only the keys in ``CUT_KEYS`` (data sizes, training steps, sampling steps,
-batch sizes and the seeds swept), and keeps the rules that derive one setting from another (DiffGuard's share of
-inverted steps, AnomalySD's strength lambda apply to the 2 sampling steps as they would to 50).
+into a GPU job. ``rewrite`` changes only the keys in ``CUT_KEYS`` (data sizes, the anomaly categories kept,
+training steps, sampling steps, batch sizes and the seeds swept), and keeps the rules that derive one setting from
+another (DiffGuard's share of inverted steps, AnomalySD's strength lambda apply to the 2 sampling steps as they would
+to 50).
 
 Missing weights: where a checkpoint, converted folder or pretrained encoder is absent, ``random_init`` lets the
 caller build the same architecture with random weights, with a WARNING naming the missing file; outside this mode

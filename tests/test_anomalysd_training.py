@@ -172,6 +172,7 @@ def test_ema_decay_zero_trains_without_a_shadow_copy_and_equals_the_ema_path(tmp
         torch.testing.assert_close(ema.shadow_params[0], p.data, rtol=0, atol=0)
 
     def tuned(decay: float) -> dict[str, torch.Tensor]:
+        """Fine-tuned weights; the resume state (saved every step) holds an EMA exactly when decay > 0."""
         stack = build_scratch_stack(PATCH_STACK, ["perfect", "tile"], seed=0)
         shots, grid = dark_texture(2, 0), grid_masks(SIZE // stack.vae_scale_factor, 2, "checkerboard")
         cfg = FinetuneConfig(
@@ -186,8 +187,12 @@ def test_ema_decay_zero_trains_without_a_shadow_copy_and_equals_the_ema_path(tmp
             None,
             torch.device("cpu"),
             tmp_path / str(decay),
+            resume_dir=tmp_path / f"resume{decay}",
+            checkpoint_every=1,
             progress=False,
         )
+        state = torch.load(tmp_path / f"resume{decay}" / "unet_state.pt", weights_only=True)
+        assert ("ema" in state) == (decay > 0), decay
         return {k: v.clone() for k, v in stack.unet.state_dict().items()}
 
     plain, shadow, real = tuned(0.0), tuned(1e-12), tuned(0.5)

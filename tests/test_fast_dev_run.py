@@ -76,6 +76,11 @@ def test_rewrite_changes_only_sizes_and_steps(composed):
         changed = changed_keys(before, after)
         outside = sorted(k for k in changed if not fast_dev_run.is_cut_key(k))
         assert not outside, f"{name}: changed {outside} outside CUT_KEYS"
+        # under data.categories only whole categories go; the kept ones are untouched
+        kept = set(after.data.get("categories") or {})
+        assert not [k for k in changed if k.startswith("data.categories.") and k.split(".")[2] in kept], name
+        for cat in kept:
+            assert after.data.categories[cat] == before.data.categories[cat], (name, cat)
         for key in KEPT:
             assert OmegaConf.select(before, key) == OmegaConf.select(after, key), f"{name}: {key} changed"
         assert after.fast_dev_run is True
@@ -110,6 +115,7 @@ def test_rewrite_cuts_data_steps_and_batches(composed):
 
 
 def test_random_init_refused_outside_the_mode(tmp_path, caplog):
+    from ood_bench.distances.dists import DISTSDistance
     from ood_bench.distances.lpips import LPIPSDistance
     from ood_bench.errors import WeightsNotFoundError
     from ood_bench.models.classifier import load_cifar_resnet
@@ -128,20 +134,26 @@ def test_random_init_refused_outside_the_mode(tmp_path, caplog):
         load_backbone("resnet18", str(tmp_path / "absent_resnet18.pth"))
     with pytest.raises(WeightsNotFoundError, match="absent_alex"):
         LPIPSDistance("alex", str(tmp_path / "absent_alex.pth"))
+    with pytest.raises(WeightsNotFoundError, match="dists_alpha_beta.pt"):
+        DISTSDistance(tmp_path)
     with fast_dev_run.mode(True), caplog.at_level("WARNING"):
         lp = LPIPSDistance("alex", str(tmp_path / "absent_alex.pth"))
+        dists = DISTSDistance(tmp_path)
         unet = load_pretrained(model_cfg, torch.device("cpu")).unet
         clf = load_cifar_resnet(clf_cfg, tmp_path)
         enc, weights_id = load_backbone("resnet18", str(tmp_path / "absent_resnet18.pth"))
     assert sum(p.numel() for p in unet.parameters()) == 35_746_307  # google/ddpm-cifar10-32's architecture
     assert clf.source == "random(fast_dev_run)" and weights_id.startswith("random(fast_dev_run")
     assert sum(p.numel() for p in enc.parameters()) == 11_689_512  # torchvision ResNet-18
+    assert "random(fast_dev_run)" in dists.describe()
+    assert 0 < float(dists(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))) < 1
     assert (
         lp.weights_source == "random(fast_dev_run)"
         and float(lp(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))) > 0
     )
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "FAST_DEV_RUN" in r.getMessage()]
     assert any("absent_unet" in m for m in warned) and any("absent_resnet20" in m for m in warned)
+    assert any("absent_alex" in m for m in warned) and any("dists_alpha_beta.pt" in m for m in warned)
     assert not fast_dev_run.active()  # the mode ends with its block
 
 

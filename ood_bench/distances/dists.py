@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ood_bench import fast_dev_run
 from ood_bench.distances.base import Distance
 from ood_bench.distances.lpips import _features_or_random
+from ood_bench.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +35,24 @@ def build_piq_dists(weights_dir: str | Path | None) -> tuple[torch.nn.Module, st
 
     ab_path = Path(weights_dir) / ALPHA_BETA_FILE if weights_dir is not None else None
     if ab_path is None or not ab_path.is_file():
-        raise FileNotFoundError(
+        err = WeightsNotFoundError(
             f"DISTS needs its alpha/beta weights: {ab_path or ALPHA_BETA_FILE} not found. Put {ALPHA_BETA_FILE} "
             f"(dict of 'alpha' and 'beta', each (1, 1475, 1, 1); piq's release file dists_weights.pt has the same "
             f"content) in paths.weights_dir (OOD_BENCH_WEIGHTS), or pick another distance."
         )
-    ab = torch.load(ab_path, map_location="cpu", weights_only=True)
+        fast_dev_run.random_init("DISTS' alpha/beta", str(ab_path or ALPHA_BETA_FILE), err)  # raises outside it
+        g = torch.Generator().manual_seed(0)  # positive and summing to 1 over alpha and beta, as DISTS normalises
+        ab = {k: torch.rand(1, sum(CHANNELS), 1, 1, generator=g) + 0.01 for k in ("alpha", "beta")}
+        total = ab["alpha"].sum() + ab["beta"].sum()
+        ab = {k: v / total for k, v in ab.items()}
+        ab_source = "random(fast_dev_run)"
+    else:
+        ab = torch.load(ab_path, map_location="cpu", weights_only=True)
+        ab_source = ALPHA_BETA_FILE
     try:
         state, source = _features_or_random("vgg", "auto", weights_dir)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"DISTS needs the ImageNet VGG16 features: {err}") from err
+    except WeightsNotFoundError as err:
+        raise WeightsNotFoundError(f"DISTS needs the ImageNet VGG16 features: {err}") from err
     vgg = torchvision.models.vgg16(weights=None).features
     vgg.load_state_dict(state, strict=True)
     weights = [*torch.split(ab["alpha"], list(CHANNELS), dim=1), *torch.split(ab["beta"], list(CHANNELS), dim=1)]
@@ -58,7 +68,7 @@ def build_piq_dists(weights_dir: str | Path | None) -> tuple[torch.nn.Module, st
         normalize_features=False,
         allow_layers_weights_mismatch=True,
     )
-    return metric.eval(), f"{source}+{ALPHA_BETA_FILE}"
+    return metric.eval(), f"{source}+{ab_source}"
 
 
 class DISTSDistance(Distance):

@@ -380,6 +380,9 @@ class AnomalySD(Method):
             "grid": {"scales": self.mask_scales, "layout": self.mask_layout},
             "train": self.ft.identity(),
         }
+        perceptual = self.features.describe() if self.features else ""
+        if "random" in perceptual and self.ft.vae_mode != "none" and self.ft.beta > 0:  # the VAE loss's LPIPS
+            spec["perceptual"] = perceptual  # (named only when random: real keys stay as they were)
         kind = "anomalysd_finetuned"
         key = ctx.cache.key(kind, spec)
         resume_dir = ctx.cache.entry(kind, f".partial-{key}")

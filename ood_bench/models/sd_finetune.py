@@ -286,8 +286,8 @@ def _train_unet(
     sched = stack.ddpm()
     n_train = int(sched.config.num_train_timesteps)
     unet.train().requires_grad_(True)
-    # at decay 0 diffusers' EMA copies the weights at every step (its decay is min(warm-up decay, 0) = 0): no shadow
-    # copy then, which saves 4 bytes per parameter (3.4 GB for SD-1.5's UNet)
+    # at decay 0 diffusers' EMA copies the weights at every step (its decay is min(warm-up decay, 0) = 0; s - (s - p)
+    # equals p up to float rounding): no shadow copy then, which saves 4 bytes per parameter (3.4 GB for SD-1.5's UNet)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=0.75) if cfg.ema_decay else None
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.warmup_steps)
