@@ -103,6 +103,14 @@ def random_init(what: str, missing: str, err: BaseException) -> None:
         str(err).splitlines()[0][:200] if str(err) else "",
     )
     log.warning("FAST_DEV_RUN: random weights for %s", what)
+    # the error is handled here: drop its tracebacks, whose frames (the caller's among them) would otherwise keep the
+    # random network the caller builds next alive in a reference cycle after the cell ends
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:

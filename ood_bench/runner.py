@@ -7,6 +7,7 @@ task layer (``ood_bench/tasks/``) that owns the data loading, the fit/score prot
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -139,12 +140,24 @@ def run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None) -> 
     (``ood_bench/plan.py``: FLOPs, memory, hours) and runs nothing heavy. ``fast_dev_run=true``
     (``debug=fast_dev_run``) runs the cell's ``ood_bench/fast_dev_run.py`` form: full size, few images, 2 steps.
     """
-    if not cfg.get("fast_dev_run"):
-        return _run(cfg, on_store)
-    from ood_bench import fast_dev_run
+    try:
+        if not cfg.get("fast_dev_run"):
+            return _run(cfg, on_store)
+        from ood_bench import fast_dev_run
 
-    with fast_dev_run.mode(True), fast_dev_run.ParamCounter() as counter:
-        return _run(fast_dev_run.rewrite(cfg), on_store, counter)
+        with fast_dev_run.mode(True), fast_dev_run.ParamCounter() as counter:
+            return _run(fast_dev_run.rewrite(cfg), on_store, counter)
+    finally:
+        release_memory()
+
+
+def release_memory() -> None:
+    """Free what the cell left in reference cycles before the next cell of an in-process sweep (Hydra's basic
+    launcher runs every cell in one process): a network held by a cycle would otherwise live until a full garbage
+    collection, and the cells' models pile up in host and accelerator memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _run(cfg: DictConfig, on_store: Callable[[RunStore], None] | None = None, counter: Any = None) -> dict[str, Any]:
