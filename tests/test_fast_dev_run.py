@@ -221,8 +221,9 @@ def _available_gb() -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_runs_at_full_size(overlay, tmp_path_factory):
-    """Every sweep cell of the overlay, at full size, finishes with finite metrics (scripts/fast_dev_run_all.py)."""
+def test_overlay_runs_at_full_size(overlay, tmp_path_factory, record_property):
+    """Every sweep cell of the overlay, at full size, finishes with finite metrics (scripts/fast_dev_run_all.py);
+    the overlay's parameters, seconds and peak RSS are recorded (junit properties, fast_dev_run.md in its folder)."""
     if overlay in NEEDS_GB and Path("/proc/meminfo").is_file() and _available_gb() < NEEDS_GB[overlay]:
         pytest.skip(f"{overlay} needs ~{NEEDS_GB[overlay]} GB of free RAM (SD-inpainting fine-tuning at 512 px)")
     import importlib
@@ -231,7 +232,12 @@ def test_overlay_runs_at_full_size(overlay, tmp_path_factory):
     sys.path.insert(0, str(CONF_DIR.parent / "scripts"))
     script = importlib.import_module("fast_dev_run_all")  # (a dataclass module: imported, not exec'd)
     data = synthetic_layouts.write_all(tmp_path_factory.getbasetemp() / "fast_dev_run_data")
-    res = script.run_overlay(overlay, data, tmp_path_factory.mktemp(overlay))
+    out = tmp_path_factory.mktemp(overlay)
+    res = script.run_overlay(overlay, data, out)
+    script.write_table([res], out)
+    for key in ("cells", "expected_cells", "params", "seconds", "peak_rss_mb", "status"):
+        record_property(key, getattr(res, key))
+    print((out / "fast_dev_run.md").read_text().splitlines()[-1])  # the row, shown with -rA / -s
     assert res.returncode == 0, f"{overlay}: exit {res.returncode} (its log.txt under {tmp_path_factory.getbasetemp()})"
     assert res.cells == res.expected_cells, f"{overlay}: {res.cells} of {res.expected_cells} cells"
     assert res.finite and res.params > 0
