@@ -58,7 +58,8 @@ def grid(scales: np.ndarray, pg: np.ndarray, frac: float):
 
 def map_set(spec: dict) -> str:
     """One set of cached maps: the fine-tuned model and the inference settings that differ between runs."""
-    extra = [f"{k}={spec[k]}" for k in ("inference_prompts", "mask_layout", "mask_scales", "strength") if k in spec]
+    keys = ("inference_prompts", "mask_layout", "mask_scales", "strength", "diff_normalise")
+    extra = [f"{k}={spec[k]}" for k in keys if k in spec]
     return " ".join([spec["model"], *extra])
 
 

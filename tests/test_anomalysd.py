@@ -481,6 +481,7 @@ def test_text_to_image_unet_is_refused():
         ({"image_score": "median"}, r"method\.image_score='median'.*max.*topk_mean"),
         ({"mask_layout": "rings"}, r"method\.mask_layout='rings'.*checkerboard.*quad.*cells"),
         ({"diff_layers": [0, 2]}, r"method\.diff_layers=\[0, 2\].*1 to 5"),
+        ({"diff_normalise": "l2"}, r"method\.diff_normalise='l2'.*unit.*none"),
         ({"vae_mode": "encoder"}, r"method\.vae_mode='encoder'.*none.*decoder.*full"),
         ({"precision": "fp16"}, r"method\.precision='fp16'.*fp32.*bf16"),
         ({"object_prompt": "A perfect part."}, r"\{c\}"),
@@ -573,3 +574,29 @@ def test_terms_script_texture_is_the_windowed_grey_std():
     assert got[1, 6, 6] == pytest.approx(grey[1, 4:9, 4:9].std(), abs=1e-5)  # interior: the full 5x5 window
     assert got[0, 0, 0] == pytest.approx(grey[0, :3, :3].std(), abs=1e-5)  # corner: only the pixels inside
     assert np.allclose(terms.local_std(torch.full((1, 3, 8, 8), 0.3)), 0, atol=1e-4)  # flat: no texture
+
+
+def test_diff_normalise_none_keeps_the_feature_magnitude_and_has_its_own_cache_key():
+    """``unit`` divides each pixel's features by their channel norm (LPIPS), ``none`` keeps the raw ReLUs: a faint
+    change then counts for far less against a strong one. ``unit`` keeps the maps' cache key it had before."""
+    import lpips
+
+    from ood_bench.distances.feature_maps import AlexFeatureMaps
+
+    feats = AlexFeatureMaps("auto", standin_weights())
+    x = torch.full((1, 3, 64, 64), 0.5)
+    stripes = (torch.arange(64) // 2 % 2).float().view(1, 1, 64, 1).expand(1, 3, 64, 64) - 0.5
+    raw, unit = feats.features(x + 0.3 * stripes, "none"), feats.features(x + 0.3 * stripes, "unit")
+    for r, u in zip(raw, unit):
+        assert torch.allclose(lpips.normalize_tensor(r), u)
+        assert not torch.allclose(r.norm(dim=1), torch.ones(()), atol=0.1)  # raw features are not unit vectors
+    ratio = {}
+    for how in ("unit", "none"):
+        faint, strong = (feats.diff_map(x, x + a * stripes, (1,), "uniform", normalise=how).mean() for a in (0.02, 0.4))
+        ratio[how] = float(strong / faint)
+    assert ratio["none"] > 4 * ratio["unit"], ratio
+    with pytest.raises(ValueError, match=r"method\.diff_normalise='l1'.*unit.*none"):
+        feats.features(x, "l1")
+
+    keys = {how: tiny_method(diff_normalise=how)._inference_identity() for how in ("unit", "none")}
+    assert keys["none"] == {**keys["unit"], "diff_normalise": "none"} and "diff_normalise" not in keys["unit"]

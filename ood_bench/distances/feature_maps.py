@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from ood_bench.distances.lpips import LPIPSDistance
 
 WEIGHTINGS = ("lpips", "uniform")
+# unit: each pixel's feature vector divided by its norm over channels (LPIPS); none: the raw ReLU outputs
+NORMALISATIONS = ("unit", "none")
 N_LAYERS = 5
 
 
@@ -49,8 +51,10 @@ class AlexFeatureMaps:
         return f"alexnet{size}({self.lpips.weights_source})"
 
     @torch.no_grad()
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The five channel-normalised ReLU maps of ``x`` (``[N, 1|3, H, W]`` in ``[0, 1]``)."""
+    def features(self, x: torch.Tensor, normalise: str = "unit") -> list[torch.Tensor]:
+        """The five ReLU maps of ``x`` (``[N, 1|3, H, W]`` in ``[0, 1]``), channel-normalised unless ``"none"``."""
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"method.diff_normalise={normalise!r} is not valid; valid: {list(NORMALISATIONS)}")
         import lpips
 
         x = x.float()
@@ -59,7 +63,7 @@ class AlexFeatureMaps:
         if self.input_size and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
         outs = self.model.net(self.model.scaling_layer(2 * x - 1))
-        return [lpips.normalize_tensor(o) for o in outs]
+        return [lpips.normalize_tensor(o) for o in outs] if normalise == "unit" else list(outs)
 
     @torch.no_grad()
     def diff_map(
@@ -69,12 +73,14 @@ class AlexFeatureMaps:
         layers: Sequence[int] = (1, 2, 3, 4, 5),
         weighting: str = "lpips",
         fx: list[torch.Tensor] | None = None,
+        normalise: str = "unit",
     ) -> torch.Tensor:
-        """``[N, H, W]`` difference of ``x`` and ``y`` at the resolution of ``x`` (``fx``: ``x``'s features)."""
+        """``[N, H, W]`` difference of ``x`` and ``y`` at the resolution of ``x`` (``fx``: ``x``'s features, computed
+        with the same ``normalise``)."""
         if weighting not in WEIGHTINGS:
             raise ValueError(f"method.diff_weighting={weighting!r} is not valid; valid: {list(WEIGHTINGS)}")
-        fx = self.features(x) if fx is None else fx
-        fy = self.features(y)
+        fx = self.features(x, normalise) if fx is None else fx
+        fy = self.features(y, normalise)
         out = torch.zeros(x.shape[0], 1, *x.shape[-2:], device=x.device)
         for layer in layers:
             d = (fx[layer - 1] - fy[layer - 1]) ** 2

@@ -36,7 +36,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ood_bench.costs import phase
-from ood_bench.distances.feature_maps import WEIGHTINGS, AlexFeatureMaps, check_layers, nearest_prototype_distance
+from ood_bench.distances.feature_maps import (
+    NORMALISATIONS,
+    WEIGHTINGS,
+    AlexFeatureMaps,
+    check_layers,
+    nearest_prototype_distance,
+)
 from ood_bench.methods.base import Context, Method, Scores, check_choice, check_int, register
 from ood_bench.methods.patch_knn import top_mean
 from ood_bench.models.sd_finetune import FOREGROUNDS, VAE_MODES, Augment, FinetuneConfig, finetune
@@ -152,6 +158,7 @@ class AnomalySD(Method):
         pg_dilate: int = 1,
         diff_layers: list[int] | tuple[int, ...] = (1,),
         diff_weighting: str = "uniform",
+        diff_normalise: str = "unit",
         feature_size: int | None = 256,
         reference: str = "reconstruction",
         paste_back: bool = True,
@@ -170,6 +177,7 @@ class AnomalySD(Method):
         check_choice("mask_layout", mask_layout, GRID_LAYOUTS)
         check_choice("inference_prompts", inference_prompts, INFERENCE_PROMPTS)
         check_choice("diff_weighting", diff_weighting, WEIGHTINGS)
+        check_choice("diff_normalise", diff_normalise, NORMALISATIONS)
         check_choice("reference", reference, REFERENCES)
         check_choice("fusion", fusion, FUSIONS)
         check_choice("image_score", image_score, IMAGE_SCORES)
@@ -263,7 +271,7 @@ class AnomalySD(Method):
         self.pg_layers = check_layers("pg_layers", list(pg_layers))
         self.diff_layers = check_layers("diff_layers", list(diff_layers))
         self.pg_ratio, self.pg_dilate = float(pg_ratio), pg_dilate
-        self.diff_weighting, self.feature_size = diff_weighting, feature_size
+        self.diff_weighting, self.diff_normalise, self.feature_size = diff_weighting, diff_normalise, feature_size
         self.reference, self.paste_back = reference, paste_back
         self.fusion, self.alpha, self.sigma = fusion, float(alpha), float(sigma)
         self.image_score, self.topk_fraction = image_score, float(topk_fraction)
@@ -330,6 +338,7 @@ class AnomalySD(Method):
             "pg_dilate": self.pg_dilate,
             "diff_layers": list(self.diff_layers),
             "diff_weighting": self.diff_weighting,
+            **({"diff_normalise": self.diff_normalise} if self.diff_normalise != "unit" else {}),
             "feature_size": self.feature_size,
             "features": self.features.describe() if self.features else "",
             "reference": self.reference,
@@ -504,7 +513,7 @@ class AnomalySD(Method):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             z0 = sd.encode(x2).float()
             ref = x if self.reference == "input" else ((sd.decode(z0).float().clamp(-1, 1) + 1) / 2)
-        f_ref = feats.features(ref)
+        f_ref = feats.features(ref, self.diff_normalise)
 
         def masked_diff(known: torch.Tensor, *keys: int) -> torch.Tensor:
             """Inpaint under ``known`` ([n,1,H,W]) and return the difference map kept where the mask hid the image."""
@@ -518,7 +527,7 @@ class AnomalySD(Method):
                 out = (sd.decode(lat).float().clamp(-1, 1) + 1) / 2
             if self.paste_back:
                 out = known * ref + (1 - known) * out
-            d = feats.diff_map(ref, out, self.diff_layers, self.diff_weighting, fx=f_ref)
+            d = feats.diff_map(ref, out, self.diff_layers, self.diff_weighting, fx=f_ref, normalise=self.diff_normalise)
             return (1 - known[:, 0]) * d
 
         out = []
