@@ -59,7 +59,7 @@ def validate(cfg: DictConfig) -> None:
 
 # Keys added to configs after results were stored under their hashes: at these values (the behaviour from before
 # the key existed) they are left out of the identity, so existing config hashes stay valid.
-NEW_KEY_DEFAULTS = ((("model", "train", "sde"), "ddpm"),)
+NEW_KEY_DEFAULTS = ((("model", "train", "sde"), "ddpm"), (("method", "diff_normalise"), "unit"))
 
 
 def config_identity(cfg: DictConfig, method_cfg: dict[str, Any], uses_model: bool, runtime_keys: set[str]) -> dict:

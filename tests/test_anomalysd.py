@@ -600,3 +600,25 @@ def test_diff_normalise_none_keeps_the_feature_magnitude_and_has_its_own_cache_k
 
     keys = {how: tiny_method(diff_normalise=how)._inference_identity() for how in ("unit", "none")}
     assert keys["none"] == {**keys["unit"], "diff_normalise": "none"} and "diff_normalise" not in keys["unit"]
+
+
+def test_diff_normalise_reaches_the_inpainting_maps_and_not_the_prototypes(fitted, tmp_path):
+    """The option changes every inpainting difference (the reference's features and the repaint's alike) and
+    leaves the prototype kNN distance, which uses LPIPS-normalised patch features either way."""
+    method, ctx, _ = fitted
+    x, idx, labels = images(3, 6), np.arange(3), np.array([0, 1, 0])
+    got = {}
+    try:
+        for how in ("unit", "none"):
+            method.diff_normalise = how
+            fresh = Context(ctx.device, ArtifactCache(tmp_path / how), data_meta=ctx.data_meta, progress=False)
+            got[how] = method.score(x, fresh, indices=idx, labels=labels)
+    finally:
+        method.diff_normalise = "unit"
+    assert np.array_equal(got["unit"].extras["knn_max"], got["none"].extras["knn_max"])
+    for key in ("ms_max", "pg_max"):
+        assert not np.allclose(got["unit"].extras[key], got["none"].extras[key], rtol=0.05), key
+    # an unpainted image has no difference under either normalisation: the same features on both sides
+    feats = method.features
+    for how in ("unit", "none"):
+        assert feats.diff_map(x, x.clone(), method.diff_layers, method.diff_weighting, normalise=how).abs().max() == 0

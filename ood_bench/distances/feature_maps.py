@@ -2,10 +2,10 @@
 
 Built on the suite's LPIPS (``ood_bench.distances.lpips``: ImageNet AlexNet features from ``$OOD_BENCH_WEIGHTS``,
 the ``lpips`` wheel's linear heads): the five ReLU outputs (relu1..relu5, 1-based layer numbers below) are
-unit-normalised over channels as LPIPS does. ``diff_map`` is LPIPS with ``spatial=True`` restricted to chosen
-layers: per layer the squared difference of the normalised features, weighted over channels by LPIPS' learned
-heads (``weighting="lpips"``) or averaged (``"uniform"``), upsampled (bilinear) to the image size and averaged
-over the layers. ``patch_features`` resizes the chosen layers to one grid and concatenates them (the prototype
+unit-normalised over channels as LPIPS does (``normalise="unit"``; ``"none"`` keeps the raw ReLUs). ``diff_map`` is
+LPIPS with ``spatial=True`` restricted to chosen layers: per layer the squared difference of the (normalised)
+features, weighted over channels by LPIPS' learned heads (``weighting="lpips"``; they were trained on normalised
+features) or averaged (``"uniform"``), upsampled (bilinear) to the image size and averaged over the layers. ``patch_features`` resizes the chosen layers to one grid and concatenates them (the prototype
 features of AnomalySD's prototype-guided mask).
 """
 

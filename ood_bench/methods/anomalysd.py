@@ -563,6 +563,7 @@ class AnomalySD(Method):
             "masks_per_image": self.masks_per_image,
             "nfe_per_image": self.nfe_per_image,
             "inference_prompts": self.inference_prompts,
+            "diff_normalise": self.diff_normalise,
             "fusion": self.fusion,
             "alpha": self.alpha,
             "sigma": self.sigma,
