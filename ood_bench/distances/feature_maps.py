@@ -5,8 +5,9 @@ the ``lpips`` wheel's linear heads): the five ReLU outputs (relu1..relu5, 1-base
 unit-normalised over channels as LPIPS does (``normalise="unit"``; ``"none"`` keeps the raw ReLUs). ``diff_map`` is
 LPIPS with ``spatial=True`` restricted to chosen layers: per layer the squared difference of the (normalised)
 features, weighted over channels by LPIPS' learned heads (``weighting="lpips"``; they were trained on normalised
-features) or averaged (``"uniform"``), upsampled (bilinear) to the image size and averaged over the layers. ``patch_features`` resizes the chosen layers to one grid and concatenates them (the prototype
-features of AnomalySD's prototype-guided mask).
+features) or averaged (``"uniform"``), upsampled (bilinear) to the image size and averaged over the layers.
+``patch_features`` resizes the chosen (normalised) layers to one grid and concatenates them (the prototype features
+of AnomalySD's prototype-guided mask).
 """
 
 from __future__ import annotations
