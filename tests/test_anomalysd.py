@@ -622,3 +622,25 @@ def test_diff_normalise_reaches_the_inpainting_maps_and_not_the_prototypes(fitte
     feats = method.features
     for how in ("unit", "none"):
         assert feats.diff_map(x, x.clone(), method.diff_layers, method.diff_weighting, normalise=how).abs().max() == 0
+
+
+def test_maps_are_the_differences_of_the_repaints(fitted):
+    """``_maps`` is D(reference, x̂) summed per slot over ``repaints`` (what scripts/anomalysd_diff_grid.py scores
+    with other differences): one x̂ per mask, each scale hides every pixel once, x̂ keeps the known pixels."""
+    method, ctx, _ = fitted
+    x, idx, lab = images(3, 7), np.arange(3), np.array([0, 1, 0])
+    maps = method._maps(x, idx, lab, ctx)
+    ref, knn, repaints = method.repaints(x, idx, lab, ctx)
+    repaints = list(repaints)
+    assert len(repaints) == method.masks_per_image
+    got, hidden = np.zeros_like(maps), np.zeros((len(method.mask_scales) + 1, 3, SIZE, SIZE))
+    feats = method.features
+    for slot, known, xhat in repaints:
+        assert torch.equal(xhat * known, ref * known)
+        d = feats.diff_map(ref, xhat, method.diff_layers, method.diff_weighting, normalise=method.diff_normalise)
+        got[:, slot] += ((1 - known[:, 0]) * d).numpy()
+        hidden[slot] += (1 - known[:, 0]).numpy()
+    got[:, -1] = knn.numpy()
+    np.testing.assert_allclose(got, maps, rtol=1e-5, atol=1e-7)
+    assert (hidden[:-1] == 1).all() and 0 < hidden[-1].mean() < 0.5
+    assert (maps[:, :-1] > 0).any(axis=(2, 3)).all()  # every slot's repaint differs somewhere

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -501,6 +502,30 @@ class AnomalySD(Method):
     @torch.no_grad()
     def _maps(self, x: torch.Tensor, idx: np.ndarray, lab: np.ndarray, ctx: Context) -> np.ndarray:
         """``[n, K + 2, H, W]``: the K per-scale maps, the prototype-guided map and the prototype kNN distance."""
+        feats = self.features
+        ref, knn, repaints = self.repaints(x, idx, lab, ctx)
+        f_ref = feats.features(ref, self.diff_normalise)
+        n, size = len(ref), ref.shape[-1]
+        out = torch.zeros(n, len(self.mask_scales) + 2, size, size, device=ref.device)
+        for slot, known, xhat in repaints:
+            d = feats.diff_map(
+                ref, xhat, self.diff_layers, self.diff_weighting, fx=f_ref, normalise=self.diff_normalise
+            )
+            out[:, slot] += (1 - known[:, 0]) * d  # kept where the mask hid the image
+        out[:, -1] = knn
+        return out.float().cpu().numpy()
+
+    @torch.no_grad()
+    def repaints(
+        self, x: torch.Tensor, idx: np.ndarray, lab: np.ndarray, ctx: Context
+    ) -> tuple[torch.Tensor, torch.Tensor, Iterator[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """The inpaintings behind the maps, before any difference is taken.
+
+        Returns the reference ``[n, 3, H, W]`` that D compares with, the prototype kNN distance ``[n, H, W]`` and a
+        lazy iterator of ``(slot, known, x̂)`` per mask: ``slot`` i < K is scale i's grid masks, K the
+        prototype-guided mask; ``known`` ``[n, 1, H, W]`` is 1 where the image was kept; x̂ ``[n, 3, H, W]`` in
+        ``[0, 1]``, its known pixels the reference's when ``paste_back``.
+        """
         sd, feats, device = self.sd, self.features, ctx.device
         f = sd.vae_scale_factor
         dtype = torch.bfloat16 if self.precision == "bf16" else None
@@ -513,10 +538,15 @@ class AnomalySD(Method):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             z0 = sd.encode(x2).float()
             ref = x if self.reference == "input" else ((sd.decode(z0).float().clamp(-1, 1) + 1) / 2)
-        f_ref = feats.features(ref, self.diff_normalise)
+        grid = size // f
+        patches = feats.patch_features(x, self.pg_layers, grid)
+        knn = torch.stack(
+            [nearest_prototype_distance(p[None], self.prototypes[int(c)])[0] for p, c in zip(patches, lab)]
+        ).view(n, grid, grid)
+        known_pg = upsample_mask(top_fraction_mask(knn, self.pg_ratio, self.pg_dilate), f)[:, None]
 
-        def masked_diff(known: torch.Tensor, *keys: int) -> torch.Tensor:
-            """Inpaint under ``known`` ([n,1,H,W]) and return the difference map kept where the mask hid the image."""
+        def inpaint(known: torch.Tensor, *keys: int) -> torch.Tensor:
+            """x̂ of SD inpainting under ``known`` ([n,1,H,W]), noise from the per-sample generators of ``keys``."""
             gens = sample_generators(ctx.seed, idx, *keys)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 masked = sd.encode(x2 * known).float()
@@ -525,27 +555,16 @@ class AnomalySD(Method):
                     eta=self.eta, replace_known=self.replace_known, autocast_dtype=dtype,
                 )  # fmt: skip
                 out = (sd.decode(lat).float().clamp(-1, 1) + 1) / 2
-            if self.paste_back:
-                out = known * ref + (1 - known) * out
-            d = feats.diff_map(ref, out, self.diff_layers, self.diff_weighting, fx=f_ref, normalise=self.diff_normalise)
-            return (1 - known[:, 0]) * d
+            return known * ref + (1 - known) * out if self.paste_back else out
 
-        out = []
-        for k in self.mask_scales:
-            s_k = torch.zeros(n, size, size, device=device)
-            for g, m in enumerate(grid_masks(size, k, self.mask_layout)):
-                s_k += masked_diff(m.to(device).expand(n, 1, size, size).contiguous(), k, g)
-            out.append(s_k)
-        grid = size // f
-        patches = feats.patch_features(x, self.pg_layers, grid)
-        knn = torch.stack(
-            [nearest_prototype_distance(p[None], self.prototypes[int(c)])[0] for p, c in zip(patches, lab)]
-        )
-        knn = knn.view(n, grid, grid)
-        known_pg = upsample_mask(top_fraction_mask(knn, self.pg_ratio, self.pg_dilate), f)[:, None]
-        out.append(masked_diff(known_pg, PG_KEY, PG_KEY))
-        out.append(torch.nn.functional.interpolate(knn[:, None], size=(size, size), mode="bilinear")[:, 0])
-        return torch.stack(out, dim=1).float().cpu().numpy()
+        def masks() -> Iterator[tuple[int, torch.Tensor, tuple[int, int]]]:
+            for slot, k in enumerate(self.mask_scales):
+                for g, m in enumerate(grid_masks(size, k, self.mask_layout)):
+                    yield slot, m.to(device).expand(n, 1, size, size).contiguous(), (k, g)
+            yield len(self.mask_scales), known_pg, (PG_KEY, PG_KEY)
+
+        knn_map = torch.nn.functional.interpolate(knn[:, None], size=(size, size), mode="bilinear")[:, 0]
+        return ref, knn_map, ((slot, known, inpaint(known, *keys)) for slot, known, keys in masks())
 
     # ----------------------------------------------------------------------------------------------------------
 
