@@ -157,7 +157,7 @@ class AnomalySD(Method):
         pg_layers: list[int] | tuple[int, ...] = (2, 3),
         pg_ratio: float = 0.1,
         pg_dilate: int = 1,
-        diff_layers: list[int] | tuple[int, ...] = (1,),
+        diff_layers: list[int] | tuple[int, ...] = (1, 2, 3, 4, 5),
         diff_weighting: str = "uniform",
         diff_normalise: str = "unit",
         feature_size: int | None = 256,
