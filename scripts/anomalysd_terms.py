@@ -30,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 from ood_bench.data.anomaly import load_category
 from ood_bench.methods.anomalysd import fuse, image_scores, smooth
+from ood_bench.utils import stable_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,9 +59,10 @@ def grid(scales: np.ndarray, pg: np.ndarray, frac: float):
 
 def map_set(spec: dict) -> str:
     """One set of cached maps: the fine-tuned model and the inference settings that differ between runs."""
-    keys = ("inference_prompts", "mask_layout", "mask_scales", "strength", "diff_normalise")
+    keys = ("inference_prompts", "mask_layout", "mask_scales", "strength", "diff_layers", "diff_normalise")
     extra = [f"{k}={spec[k]}" for k in keys if k in spec]
-    return " ".join([spec["model"], *extra])
+    settings = {k: v for k, v in spec.items() if k not in ("images", "indices", "labels")}  # one batch's own keys
+    return " ".join([spec["model"], *extra, f"maps={stable_hash(settings)[:8]}"])  # no two settings merge
 
 
 def local_std(images: torch.Tensor, size: int = 7) -> np.ndarray:

@@ -9,6 +9,7 @@ import torch
 from conftest import load_script, standin_weights
 
 from ood_bench.cache import ArtifactCache
+from ood_bench.distances.feature_maps import nearest_prototype_distance
 from ood_bench.methods import Context, build_method
 from ood_bench.methods import anomalysd as asd_module
 from ood_bench.methods.anomalysd import fuse, harmonic_fusion, image_scores
@@ -27,8 +28,10 @@ from ood_bench.samplers.anomaly_masks import (
     masks_per_scale,
     random_train_mask,
     top_fraction_mask,
+    upsample_mask,
 )
-from ood_bench.samplers.sd_inpaint import unet_input
+from ood_bench.samplers.sd_inpaint import latent_mask, sd_inpaint, unet_input
+from ood_bench.utils import sample_generators
 
 SIZE = 32  # the smallest size AlexNet's relu3 still sees (LPIPS-alex minimum)
 TINY_STACK = {
@@ -644,3 +647,58 @@ def test_maps_are_the_differences_of_the_repaints(fitted):
     np.testing.assert_allclose(got, maps, rtol=1e-5, atol=1e-7)
     assert (hidden[:-1] == 1).all() and 0 < hidden[-1].mean() < 0.5
     assert (maps[:, :-1] > 0).any(axis=(2, 3)).all()  # every slot's repaint differs somewhere
+
+    # the first grid repaint and the prototype-guided mask rebuilt from the building blocks: noise keys (k, 0),
+    # the pasted-back known pixels, the mask over the top share of the kNN distances at the latent grid
+    sd, f, k = method.sd, method.sd.vae_scale_factor, method.mask_scales[0]
+    known = grid_masks(SIZE, k, method.mask_layout)[0].expand(3, 1, SIZE, SIZE).contiguous()
+    text, x2 = method._test_text(lab), x * 2 - 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        lat, _ = sd_inpaint(
+            sd, sd.encode(x2).float(), sd.encode(x2 * known).float(), latent_mask(known, f), text,
+            sample_generators(ctx.seed, idx, k, 0), steps=method.steps, strength=method.strength,
+            autocast_dtype=torch.bfloat16,
+        )  # fmt: skip
+        xhat = (sd.decode(lat).float().clamp(-1, 1) + 1) / 2
+    assert torch.equal(repaints[0][1], known)
+    torch.testing.assert_close(repaints[0][2], known * ref + (1 - known) * xhat)
+    grid = SIZE // f
+    patches = method.features.patch_features(x, method.pg_layers, grid)
+    protos = [method.prototypes[int(c)] for c in lab]
+    dist = torch.stack([nearest_prototype_distance(p[None], proto)[0] for p, proto in zip(patches, protos)])
+    pg = upsample_mask(top_fraction_mask(dist.view(3, grid, grid), method.pg_ratio, method.pg_dilate), f)[:, None]
+    assert torch.equal(repaints[-1][1], pg)
+
+
+def test_diff_grid_script_scores_the_methods_own_difference_as_the_method_does(fitted):
+    """Every grid entry of scripts/anomalysd_diff_grid.py that names a method setting equals ``diff_map`` with that
+    setting (so its ``*`` row is run.py's), and the script leaves the AlexNet input size as it found it."""
+    grid = load_script("anomalysd_diff_grid")
+    method, ctx, _ = fitted
+    x, idx, lab = images(2, 8), np.arange(2), np.array([0, 1])
+    ref, _, repaints = method.repaints(x, idx, lab, ctx)
+    _, known, xhat = next(iter(repaints))
+    hidden = 1 - known[:, 0]
+    feats, size = method.features, SIZE
+    before = feats.input_size
+    got = grid.differences(method, ref, xhat, hidden, [2 * size, size])
+    assert feats.input_size == before
+    for norm, fsize, layers, weighting in [("unit", 2 * size, (1,), "uniform"), ("none", size, (1, 2), "lpips")]:
+        feats.input_size = fsize
+        try:
+            want = hidden * feats.diff_map(ref, xhat, layers, weighting, normalise=norm)
+        finally:
+            feats.input_size = before
+        torch.testing.assert_close(got[(norm, fsize, layers, weighting)], want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[("-", "-", "pixel_sq", "-")], hidden * ((ref - xhat) ** 2).mean(1))
+
+
+def test_terms_script_keeps_map_sets_of_different_settings_apart():
+    """Batches of one run form one set; maps of any other inference setting (here the weighting, which the
+    description does not print) never merge into it."""
+    terms = load_script("anomalysd_terms")
+    spec = {"model": "m", "diff_layers": [1], "diff_weighting": "uniform", "images": "a", "indices": [0], "labels": [0]}
+    other_batch = {**spec, "images": "b", "indices": [1]}
+    assert terms.map_set(spec) == terms.map_set(other_batch)
+    assert terms.map_set(spec) != terms.map_set({**spec, "diff_weighting": "lpips"})
+    assert terms.map_set(spec) != terms.map_set({**spec, "diff_layers": [1, 2, 3, 4, 5]})

@@ -522,9 +522,10 @@ class AnomalySD(Method):
         """The inpaintings behind the maps, before any difference is taken.
 
         Returns the reference ``[n, 3, H, W]`` that D compares with, the prototype kNN distance ``[n, H, W]`` and a
-        lazy iterator of ``(slot, known, x̂)`` per mask: ``slot`` i < K is scale i's grid masks, K the
-        prototype-guided mask; ``known`` ``[n, 1, H, W]`` is 1 where the image was kept; x̂ ``[n, 3, H, W]`` in
-        ``[0, 1]``, its known pixels the reference's when ``paste_back``.
+        lazy iterator (each mask is inpainted when reached, with the method's settings at that time) of
+        ``(slot, known, x̂)`` per mask: ``slot`` i < K is scale i's grid masks, K the prototype-guided mask;
+        ``known`` ``[n, 1, H, W]`` is 1 where the image was kept; x̂ ``[n, 3, H, W]`` in ``[0, 1]``, its known
+        pixels the reference's when ``paste_back``.
         """
         sd, feats, device = self.sd, self.features, ctx.device
         f = sd.vae_scale_factor
@@ -557,14 +558,16 @@ class AnomalySD(Method):
                 out = (sd.decode(lat).float().clamp(-1, 1) + 1) / 2
             return known * ref + (1 - known) * out if self.paste_back else out
 
-        def masks() -> Iterator[tuple[int, torch.Tensor, tuple[int, int]]]:
+        @torch.no_grad()  # a generator runs when iterated, outside this method's no_grad
+        def inpaintings() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
             for slot, k in enumerate(self.mask_scales):
                 for g, m in enumerate(grid_masks(size, k, self.mask_layout)):
-                    yield slot, m.to(device).expand(n, 1, size, size).contiguous(), (k, g)
-            yield len(self.mask_scales), known_pg, (PG_KEY, PG_KEY)
+                    known = m.to(device).expand(n, 1, size, size).contiguous()
+                    yield slot, known, inpaint(known, k, g)
+            yield len(self.mask_scales), known_pg, inpaint(known_pg, PG_KEY, PG_KEY)
 
         knn_map = torch.nn.functional.interpolate(knn[:, None], size=(size, size), mode="bilinear")[:, 0]
-        return ref, knn_map, ((slot, known, inpaint(known, *keys)) for slot, known, keys in masks())
+        return ref, knn_map, inpaintings()
 
     # ----------------------------------------------------------------------------------------------------------
 
