@@ -41,7 +41,6 @@ from ood_bench.metrics.anomaly import image_metrics
 LAYER_SETS = ((1,), (1, 2), (1, 2, 3), (1, 2, 3, 4, 5))
 WEIGHTINGS = ("uniform", "lpips")
 NORMALISATIONS = ("unit", "none")
-PIXEL = ("pixel_sq", "pixel_abs")
 
 log = logging.getLogger("anomalysd_diff_grid")
 

@@ -513,7 +513,7 @@ class AnomalySD(Method):
             )
             out[:, slot] += (1 - known[:, 0]) * d  # kept where the mask hid the image
         out[:, -1] = knn
-        return out.float().cpu().numpy()
+        return out.cpu().numpy()
 
     @torch.no_grad()
     def repaints(
